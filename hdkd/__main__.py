@@ -1,0 +1,5 @@
+import sys
+
+from hdkd.cli import main
+
+sys.exit(main())

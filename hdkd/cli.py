@@ -1,0 +1,186 @@
+"""Command line: ``python -m hdkd {train,search,compare,standins,config}``.
+
+Bad input (config, data, model paths, stores) prints one ``hdkd: error: ...`` line on stderr and exits with 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import warnings
+
+EXIT_BAD_INPUT = 2
+
+# MLproject parameters: an empty string means "as in the config".
+SHORTCUTS = {
+    "portion": "data.portion",
+    "hidden_weight": "distill.hidden_weight",
+    "learning_rate": "training.learning_rate",
+    "num_train_epochs": "training.num_train_epochs",
+    "n_trials": "search.n_trials",
+    "study_name": "search.study_name",
+    "storage": "search.storage",
+}
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from hdkd.config import ConfigError
+    from hdkd.data import DataError
+    from hdkd.hub import HubUnavailableError
+    from hdkd.models import ModelError
+
+    return ConfigError, DataError, HubUnavailableError, ModelError
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, shortcuts: tuple[str, ...]) -> None:
+    parser.add_argument("--config", default=None,
+                        help="YAML file with any subset of keys (default: config/hyperparameters.yaml values)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    for name in shortcuts:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", metavar="VALUE",
+                            help=f"shortcut for --set {SHORTCUTS[name]}=VALUE; empty keeps the config value")
+
+
+def _overrides(args: argparse.Namespace, shortcuts: tuple[str, ...]) -> list[str]:
+    values = list(args.overrides)
+    for name in shortcuts:
+        value = getattr(args, name, "")
+        if value is not None and str(value).strip() != "":
+            values.append(f"{SHORTCUTS[name]}={value}")
+    return values
+
+
+def _load(args: argparse.Namespace, shortcuts: tuple[str, ...]):
+    from hdkd.config import load_config
+
+    path = args.config if args.config not in (None, "") else None
+    return load_config(path, _overrides(args, shortcuts))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "filelock", "httpx", "alembic", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if level.upper() != "DEBUG":
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# --- Commands -------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hdkd.pipeline import check_inputs
+    from hdkd.runner import Interrupted, run_training
+
+    cfg = _load(args, TRAIN_SHORTCUTS)
+    checked = check_inputs(cfg)
+    try:
+        outcome = run_training(cfg, checked=checked)
+    except Interrupted as err:
+        logging.getLogger("hdkd").warning("%s", err)
+        return 128 + err.signum
+    s = outcome.summary
+    note = " [RANDOM WEIGHTS: accuracies mean nothing]" if s["random_weights"] else ""
+    logging.getLogger("hdkd").info(
+        "run %s finished in %.1f s: teacher accuracy %.3f, student accuracy %.3f, agreement %.3f; artifacts in "
+        "MLflow and %s%s", outcome.run_id, s["total_seconds"], s["scores"]["teacher_accuracy"],
+        s["scores"]["student_accuracy"], s["scores"]["agreement"], cfg.output_dir, note)
+    return 0
+
+
+def cmd_standins(args: argparse.Namespace) -> int:
+    from hdkd.models import write_stand_ins
+
+    counts = write_stand_ins(args.tokenizer, args.out, args.configs, seed=args.seed)
+    for name, count in counts.items():
+        print(f"{os.path.join(args.out, name)}: {count:,} parameters (random weights)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hdkd.config import Config, render_yaml
+
+    cfg = _load(args, ()) if args.config or args.overrides else Config()
+    sys.stdout.write(render_yaml(cfg))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from hdkd.search import run_search
+
+    cfg = _load(args, SEARCH_SHORTCUTS)
+    return run_search(cfg, force=args.force)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hdkd.compare import run_compare
+
+    return run_compare(experiment=args.experiment, study=args.study, output=args.output)
+
+
+TRAIN_SHORTCUTS = ("portion", "hidden_weight", "learning_rate", "num_train_epochs")
+SEARCH_SHORTCUTS = ("portion", "n_trials", "study_name", "storage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hdkd", description="Hidden-state knowledge distillation (Flan-T5 "
+                                     "teacher -> student on AQuA-RAT), tracked in MLflow.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default INFO)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run one distillation and track it in MLflow")
+    _add_config_arguments(train, TRAIN_SHORTCUTS)
+    train.set_defaults(func=cmd_train)
+
+    search = commands.add_parser("search", help="Optuna study over hidden_weight and learning rate")
+    _add_config_arguments(search, SEARCH_SHORTCUTS)
+    search.add_argument("--force", action="store_true",
+                        help="move the registry alias to the study's best model even if it is not better")
+    search.set_defaults(func=cmd_search)
+
+    compare = commands.add_parser("compare", help="table and plot of teacher vs student accuracy across runs")
+    compare.add_argument("--experiment", default=None, help="experiment name (default: hdkd)")
+    compare.add_argument("--study", default=None, help="only the trials of this Optuna study")
+    compare.add_argument("--output", default="comparison.png", help="PNG file to write (default comparison.png)")
+    compare.set_defaults(func=cmd_compare)
+
+    standins = commands.add_parser("standins", help="write random-weight Flan-T5 stand-ins for offline work")
+    standins.add_argument("--tokenizer", required=True, help="folder with the Flan-T5 tokenizer files")
+    standins.add_argument("--configs", default=None,
+                          help="folder with flan-t5-small/config.json and flan-t5-base/config.json "
+                               "(default: the published architecture values built into hdkd)")
+    standins.add_argument("--out", required=True, help="output folder; flan-t5-small/ and flan-t5-base/ go here")
+    standins.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    standins.set_defaults(func=cmd_standins)
+
+    config = commands.add_parser("config", help="print the full configuration as commented YAML")
+    config.add_argument("--config", default=None, help="YAML file to merge over the defaults")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except _bad_input_errors() as err:
+        if args.debug:
+            raise
+        message = str(err).replace("\n", " ")
+        print(f"hdkd: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("hdkd: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

@@ -1,0 +1,235 @@
+"""Everything that talks to MLflow for a single run: the store, the run, params, metrics, artifacts, the model.
+
+The trainer reports through ``MlflowMetricsCallback``; nothing else in the training loop imports mlflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+from transformers import TrainerCallback
+
+from hdkd import __version__
+from hdkd.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Trainer log keys -> MLflow metric names; the x-axis is the optimizer step.
+METRIC_NAMES = {
+    "loss": "train/loss",
+    "ce_loss": "train/ce_loss",
+    "hidden_mse": "train/hidden_mse",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "epoch": "train/epoch",
+    "eval_loss": "eval/loss",
+    "eval_ce_loss": "eval/ce_loss",
+    "eval_hidden_mse": "eval/hidden_mse",
+    "eval_student_accuracy": "eval/student_accuracy",
+    "eval_teacher_accuracy": "eval/teacher_accuracy",
+    "eval_agreement": "eval/agreement",
+    "eval_student_unparsed": "eval/student_unparsed",
+    "eval_teacher_unparsed": "eval/teacher_unparsed",
+}
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+              "DATABASE_URL", "AWS_SECRET_ACCESS_KEY")
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://[^:/@\s]+):(?P<password>[^@\s]+)@")
+
+
+def mask_secrets(text: str) -> str:
+    """Replace the password of any ``scheme://user:password@host`` URL, and known secret values, with ***."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('scheme')}:***@", str(text))
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+# --- Store and run --------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else ``sqlite:///mlflow.db`` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def open_store() -> MlflowClient:
+    """Point MLflow at the store and check it opens; a bad URI raises ConfigError naming it."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store
+        raise ConfigError([f"MLflow tracking URI {mask_secrets(uri)!r} cannot be opened "
+                           f"({type(err).__name__}: {mask_secrets(str(err).splitlines()[0] if str(err) else '')}); "
+                           "set MLFLOW_TRACKING_URI to a reachable server or a sqlite:/// path"]) from None
+    return client
+
+
+def start_run(experiment_name: str, run_name: str | None = None, run_id: str | None = None,
+              nested: bool = False, tags: dict[str, str] | None = None, system_metrics: bool = False):
+    """Start (or continue) a run. Under ``mlflow run`` MLFLOW_RUN_ID names the run and its experiment is kept."""
+    if run_id is None and not nested and os.environ.get("MLFLOW_RUN_ID"):
+        run_id = os.environ["MLFLOW_RUN_ID"]
+    if run_id is None and not os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        mlflow.set_experiment(experiment_name)
+    return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags,
+                            log_system_metrics=system_metrics or None)
+
+
+def end_run(status: str, error: BaseException | None = None) -> None:
+    """End the active run as FINISHED, FAILED or KILLED; a failure keeps its message as the hdkd.error tag."""
+    if mlflow.active_run() is None:
+        return
+    if error is not None:
+        message = mask_secrets(f"{type(error).__name__}: {error}")[:4900]
+        mlflow.set_tag("hdkd.error", message)
+    mlflow.end_run(status=status)
+
+
+def run_status(run_id: str) -> str | None:
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - a deleted or unknown run
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def log_config(flat: dict[str, Any]) -> None:
+    """Log every config value under its dotted key (never the MLproject parameter names), secrets masked."""
+    params = {key: mask_secrets("null" if value is None else str(value))[:6000] for key, value in flat.items()}
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    existing = client.get_run(run_id).data.params
+    # On resume the same values are already there; MLflow rejects changing a param, so log only new keys.
+    params = {k: v for k, v in params.items() if k not in existing}
+    items = list(params.items())
+    for start in range(0, len(items), 90):
+        mlflow.log_params(dict(items[start: start + 90]))
+
+
+def base_tags(teacher: str, student: str, random_weights: bool) -> dict[str, str]:
+    tags = {"hdkd.teacher": teacher, "hdkd.student": student, "hdkd.version": __version__,
+            "hdkd.random_weights": str(random_weights).lower()}
+    commit = git_commit()
+    if commit:
+        tags["hdkd.git_commit"] = commit
+    return tags
+
+
+# --- Metrics --------------------------------------------------------------------------------------------
+
+
+def last_logged_step(run_id: str) -> int:
+    """Return the highest step of any train/* or eval/* metric already in the run (-1 for none)."""
+    client = MlflowClient()
+    last = -1
+    for key in client.get_run(run_id).data.metrics:
+        if key.startswith(("train/", "eval/")):
+            history = client.get_metric_history(run_id, key)
+            if history:
+                last = max(last, max(m.step for m in history))
+    return last
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Send Trainer logs to MLflow as train/* and eval/* metrics at the optimizer step.
+
+    After a resume, steps already in the run (logged before the crash) are skipped, so each step appears once.
+    """
+
+    def __init__(self, run_id: str, skip_through_step: int = -1):
+        self.run_id = run_id
+        self.skip_through_step = skip_through_step
+        self.client = MlflowClient()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        step = state.global_step
+        if not logs or step <= self.skip_through_step:
+            return
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(METRIC_NAMES[k], float(v), stamp, step) for k, v in logs.items()
+                   if k in METRIC_NAMES and isinstance(v, (int, float))]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+
+def log_metrics(values: dict[str, float], step: int) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+
+# --- Artifacts and the model ----------------------------------------------------------------------------
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_table(rows: dict[str, list], artifact_file: str) -> None:
+    mlflow.log_table(data=rows, artifact_file=artifact_file)
+
+
+def log_dataset(split: str, source: str, ids: list[str], digest: str, portion: float) -> None:
+    """Record the examples a run used with mlflow.log_input (source, split, portion and digest)."""
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    frame = pd.DataFrame({"id": ids})
+    dataset = from_pandas(frame, source=source, name=f"aqua_rat-{split}", digest=digest)
+    mlflow.log_input(dataset, context=split, tags={"portion": str(portion), "split": split})
+
+
+def log_student_model(student_dir: str | Path, input_example: list[str], name: str = "student"):
+    """Log the student as a pyfunc model defined from code (hdkd/pyfunc_model.py), hdkd in its requirements."""
+    from mlflow.models import infer_signature
+
+    package_dir = Path(__file__).resolve().parent
+    signature = infer_signature(input_example, ["B"])
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(package_dir / "pyfunc_model.py"),
+        artifacts={"student": str(student_dir)},
+        code_paths=[str(package_dir)],
+        pip_requirements=[f"hdkd=={__version__}", *_runtime_requirements()],
+        signature=signature,
+        input_example=input_example,
+    )
+
+
+def _runtime_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for package in ("torch", "transformers", "sentencepiece", "safetensors", "mlflow", "pandas"):
+        try:
+            requirements.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return requirements
+
+
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+def finished(status: str) -> bool:
+    return status in (RunStatus.to_string(RunStatus.FINISHED),)

@@ -1,0 +1,203 @@
+"""A transformers Trainer that adds the hidden-state MSE through a learned projection.
+
+loss = (1 - hidden_weight) * ce_loss + hidden_weight * hidden_mse, where both terms are token means over the
+label positions of the whole optimizer step. The projection is trained with the student, saved in every
+checkpoint as ``projection.safetensors`` and restored on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from hdkd.generation import pad_batch
+from hdkd.losses import IGNORE_INDEX, distillation_loss, hidden_mse_sum, token_cross_entropy_sum
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_FILE = "projection.safetensors"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite."""
+
+
+class DistillationDataset(torch.utils.data.Dataset):
+    """Training or validation examples: prompt ids, labels and (cached mode) the teacher's hidden states."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]], teacher_hidden: list[torch.Tensor] | None):
+        self.input_ids, self.labels, self.teacher_hidden = input_ids, labels, teacher_hidden
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+        if self.teacher_hidden is not None:
+            item["teacher_hidden"] = self.teacher_hidden[index]
+        return item
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+class DistillationCollator:
+    """Pad prompts to the batch's longest (a multiple of 8), labels with -100 and teacher states with zeros."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_batch([item["input_ids"] for item in items], self.pad_id)
+        labels, label_mask = pad_batch([item["labels"] for item in items], self.pad_id, multiple=1)
+        labels[label_mask == 0] = IGNORE_INDEX
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "teacher_hidden" in items[0]:
+            width = items[0]["teacher_hidden"].size(-1)
+            hidden = torch.zeros(len(items), labels.size(1), width)
+            for row, item in enumerate(items):
+                hidden[row, : item["teacher_hidden"].size(0)] = item["teacher_hidden"]
+            batch["teacher_hidden"] = hidden
+        return batch
+
+
+class _WindowStart(TrainerCallback):
+    """Start the loss window at the step training begins from, which is not 0 after a resume."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._window.zero_()
+        self.trainer._window_start_step = state.global_step
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss mixes the student's cross-entropy with a projected hidden-state MSE."""
+
+    # compute_loss divides by the label tokens of the whole optimizer step, so Trainer must not divide again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, projection: torch.nn.Module, hidden_weight: float, projection_direction: str,
+                 teacher: torch.nn.Module | None = None, train_lengths: list[int] | None = None,
+                 student_evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projection = projection.to(self.args.device)
+        self.hidden_weight = hidden_weight
+        self.projection_direction = projection_direction
+        self.teacher = teacher
+        self.train_lengths = train_lengths
+        self.student_evaluator = student_evaluator
+        # Trainer counts label tokens across the accumulation window only for models taking loss kwargs.
+        self.model_accepts_loss_kwargs = True
+        self._window = torch.zeros(2, device=self.args.device)  # ce_loss, hidden_mse summed over logged steps
+        self._window_start_step = 0
+        self.add_callback(_WindowStart(self))
+
+    # --- Loss ---------------------------------------------------------------------------------------
+
+    def _teacher_hidden_online(self, inputs: dict[str, torch.Tensor], decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               decoder_input_ids=decoder_input_ids, output_hidden_states=True)
+            hidden = out.decoder_hidden_states[-1]
+        # Inference tensors cannot take part in autograd; a clone outside inference mode can.
+        return hidden.clone()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        mask = labels.ne(IGNORE_INDEX)
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+
+        # Student forward; its last decoder hidden state is compared with the teacher's at the same positions.
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        decoder_input_ids=decoder_input_ids, output_hidden_states=True)
+        teacher_hidden = inputs.get("teacher_hidden")
+        if teacher_hidden is None:
+            teacher_hidden = self._teacher_hidden_online(inputs, decoder_input_ids)
+
+        # Token means over the optimizer step: num_items_in_batch counts its label tokens (all micro-batches).
+        tokens = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        tokens = torch.as_tensor(tokens, device=labels.device).clamp(min=1)
+        ce_loss = token_cross_entropy_sum(outputs.logits, labels) / tokens
+        hidden_mse = hidden_mse_sum(outputs.decoder_hidden_states[-1], teacher_hidden.to(labels.device), mask,
+                                    self.projection, self.projection_direction) / tokens
+        loss = distillation_loss(ce_loss, hidden_mse, self.hidden_weight)
+        self._check_finite(ce_loss, hidden_mse)
+        if model.training:
+            self._window += torch.stack([ce_loss.detach(), hidden_mse.detach()])
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, ce_loss: torch.Tensor, hidden_mse: torch.Tensor) -> None:
+        # One host sync per micro-batch; on a CPU it is free and on a GPU small next to a T5 step.
+        finite = torch.isfinite(torch.stack([ce_loss.detach(), hidden_mse.detach()])).tolist()
+        if all(finite):
+            return
+        names = [name for name, ok in zip(("ce_loss", "hidden_mse"), finite) if not ok]
+        values = {"ce_loss": ce_loss.item(), "hidden_mse": hidden_mse.item()}
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.state.global_step + 1}: "
+            + ", ".join(f"{name}={values[name]}" for name in names)
+            + " (lower training.learning_rate or check the teacher's hidden states)")
+
+    # --- Optimizer, sampler, checkpoints ------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if not any(any(p is q for q in self.projection.parameters()) for g in optimizer.param_groups
+                   for p in g["params"]):
+            optimizer.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=self.train_lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
+        save_file(state, os.path.join(output_dir, PROJECTION_FILE), metadata={
+            "direction": self.projection_direction, "in_features": str(self.projection.in_features),
+            "out_features": str(self.projection.out_features)})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROJECTION_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {resume_from_checkpoint} has no {PROJECTION_FILE}")
+        self.projection.load_state_dict(load_file(path, device=str(self.args.device)))
+
+    # --- Logging and evaluation ---------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "eval_loss" not in logs:
+            steps = max(self.state.global_step - self._window_start_step, 1)
+            ce_loss, hidden_mse = (self._window / steps).tolist()
+            logs["ce_loss"], logs["hidden_mse"] = ce_loss, hidden_mse
+            self._window.zero_()
+            self._window_start_step = self.state.global_step
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.student_evaluator is not None:
+            scores = {f"{metric_key_prefix}_{k}": v for k, v in self.student_evaluator(self.model).items()}
+            self.log(scores)
+            metrics.update(scores)
+        return metrics
