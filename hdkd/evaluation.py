@@ -6,8 +6,10 @@ import re
 from dataclasses import dataclass
 
 LETTER_PATTERNS = [
-    # "C", "(C)", "C) 600", "C." or "C: ..." at the start of the answer.
-    re.compile(r"^\s*\(?([A-E])\)?(?=$|[\s).:,;])"),
+    # "C", "(C)", "C) 600", "C." or "C is ..." at the start of the answer.
+    re.compile(r"^\s*\(?([A-E])\)?\s*(?=$|[).:,;]|is\b)"),
+    # "C 600" at the start; "A" followed by a word is left out because it is usually the article.
+    re.compile(r"^\s*([B-E])\s"),
     # "The answer is C", "answer: (C)", "Answer is option D".
     re.compile(r"answer\s*(?:is|:|=)?\s*(?:option\s*)?\(?([A-E])\)?(?![A-Za-z0-9])", re.IGNORECASE),
     re.compile(r"\boption\s*\(?([A-E])\)?(?![A-Za-z0-9])", re.IGNORECASE),
