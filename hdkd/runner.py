@@ -28,6 +28,10 @@ class Interrupted(Exception):
                          "resumes from it")
 
 
+class RunStopped(Exception):
+    """Raised by a training callback to stop the run on purpose (an Optuna pruner); the run ends KILLED."""
+
+
 @dataclass
 class RunOutcome:
     """The finished run and what it produced."""
@@ -104,6 +108,9 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
                           cfg.tracking.log_model if log_model is None else log_model)
     except Interrupted as err:
         tracking.end_run("KILLED", err)
+        raise
+    except RunStopped:
+        tracking.end_run("KILLED")
         raise
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
