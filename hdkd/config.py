@@ -139,7 +139,8 @@ class SearchConfig:
     direction: str = _field("maximize", "Optimisation direction of `metric`.", ("maximize", "minimize"))
     metric: str = _field("eval/student_accuracy", "Objective: a final metric of each trial run.")
     pruner: str = _field("median", "Trial pruner, or none.", ("median", "none"))
-    pruner_warmup_steps: int = _field(0, "Evaluations a trial completes before it may be pruned.")
+    pruner_startup_trials: int = _field(5, "Finished trials the study needs before the pruner stops any trial.")
+    pruner_warmup_steps: int = _field(0, "Optimizer steps a trial runs before it may be pruned.")
     hidden_weight_low: float = _field(0.0, "Lower bound of distill.hidden_weight (uniform).")
     hidden_weight_high: float = _field(1.0, "Upper bound of distill.hidden_weight (uniform).")
     learning_rate_low: float = _field(1e-5, "Lower bound of training.learning_rate (log-uniform).")
@@ -364,6 +365,7 @@ def _range_problems(cfg: Config) -> list[str]:
          "training.device", t.device, "auto, cpu, cuda, cuda:N or mps")
     need(s.n_trials >= 1, "search.n_trials", s.n_trials, "an integer >= 1")
     need(s.pruner_warmup_steps >= 0, "search.pruner_warmup_steps", s.pruner_warmup_steps, "an integer >= 0")
+    need(s.pruner_startup_trials >= 0, "search.pruner_startup_trials", s.pruner_startup_trials, "an integer >= 0")
     need(0 <= s.hidden_weight_low <= s.hidden_weight_high <= 1, "search.hidden_weight_low/high",
          (s.hidden_weight_low, s.hidden_weight_high), "0 <= low <= high <= 1")
     need(0 < s.learning_rate_low <= s.learning_rate_high, "search.learning_rate_low/high",
