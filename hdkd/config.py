@@ -40,7 +40,7 @@ def _section(cls: type) -> Any:
 
 @dataclass
 class DataConfig:
-    """Where the AQuA-RAT problems come from and how they are turned into model inputs."""
+    """Source of the AQuA-RAT problems and their conversion into model inputs."""
 
     dataset: str = _field("deepmind/aqua_rat", "Hub dataset id, used for a split whose local file is not set.")
     dataset_config: str = _field("raw", "Configuration name of the hub dataset.")

@@ -64,7 +64,7 @@ class Prepared:
 
 @dataclass
 class TrainResult:
-    """What one training run produced."""
+    """Outputs of one training run."""
 
     scores: dict[str, float]
     final: dict[str, float]

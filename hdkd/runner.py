@@ -47,7 +47,7 @@ def _resume_key(cfg: Config) -> str:
 
 
 def _resumable_run(output_dir: Path, key: str) -> str | None:
-    """Return the run id to continue when output_dir holds a checkpoint of the same config from an unfinished run."""
+    """Return the run id to continue when output_dir contains a checkpoint of the same config from an unfinished run."""
     state_path = output_dir / STATE_FILE
     if not state_path.is_file() or latest_checkpoint(output_dir) is None:
         return None
