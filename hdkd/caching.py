@@ -52,7 +52,7 @@ def locked(folder: Path) -> Iterator[None]:
 
 
 def verify(folder: Path, key: str) -> bool:
-    """Return True when ``folder`` holds a complete entry for ``key`` whose files match their checksums."""
+    """Return True when ``folder`` contains a complete entry for ``key`` whose files match their checksums."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return False

@@ -1,4 +1,4 @@
-"""Fast, clear answers about whether a hub id can be used, before transformers or datasets retry for a minute."""
+"""Fast, clear errors for hub ids that cannot be used, raised before transformers or datasets retry for a minute."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class ModelError(ValueError):
 
 @dataclass
 class ModelInfo:
-    """What a run needs to know about a loaded model besides the module."""
+    """Facts about a loaded model that a run records besides the module."""
 
     name: str
     parameters: int
@@ -214,7 +214,7 @@ def resolve_bf16(requested: bool | str, device: torch.device) -> bool:
 def build_stand_in(config_values: dict, tokenizer_dir: str, out_dir: Path, seed: int) -> int:
     """Write a randomly initialised T5 with an untied lm_head, plus the tokenizer; return its parameter count.
 
-    transformers 5 ties lm_head to the shared embeddings on load unless the checkpoint holds a different
+    transformers 5 ties lm_head to the shared embeddings on load unless the checkpoint contains a different
     lm_head, so lm_head gets its own independent initialisation here (a copy would be re-tied).
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
@@ -245,7 +245,7 @@ def write_stand_ins(tokenizer_dir: str, out: str, configs_dir: str | None = None
     """Write flan-t5-small and flan-t5-base stand-ins under ``out``; return parameter counts after reload."""
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (
             Path(tokenizer_dir) / "spiece.model").is_file():
-        raise ModelError(f"tokenizer folder {tokenizer_dir!r} not found or holds no tokenizer files")
+        raise ModelError(f"tokenizer folder {tokenizer_dir!r} not found or contains no tokenizer files")
     counts = {}
     for name, architecture in FLAN_T5_ARCHITECTURES.items():
         if configs_dir:
