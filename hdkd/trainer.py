@@ -67,7 +67,7 @@ class DistillationCollator:
 
 
 class _WindowStart(TrainerCallback):
-    """Start the loss window at the step training begins from, which is not 0 after a resume."""
+    """Start the loss window at the step training begins from (not 0 after a resume); clear projection gradients."""
 
     def __init__(self, trainer: "DistillationTrainer"):
         self.trainer = trainer
@@ -75,6 +75,10 @@ class _WindowStart(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._window.zero_()
         self.trainer._window_start_step = state.global_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Trainer zeroes only the model's gradients; without this the projection's would add up over all steps.
+        self.trainer.projection.zero_grad(set_to_none=True)
 
 
 class DistillationTrainer(Trainer):
