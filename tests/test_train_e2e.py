@@ -122,3 +122,22 @@ def test_train_real_aqua_files(mlflow_store, tiny_models, tmp_path):
     assert run.data.params["data.train_source"].endswith("test.json")
     assert run.data.params["data.validation_source"].endswith("dev.json")
     assert len(MlflowClient().get_metric_history(run.info.run_id, "train/hidden_mse")) == 2
+
+
+def test_accumulation_matches_large_batch(mlflow_store, tiny_config):
+    """4 x 2 accumulated micro-batches log the same step-1 losses as one batch of 8 (token means per step)."""
+    common = {**tiny_config, "training.num_train_epochs": 1, "training.group_by_length": False,
+              "tracking.log_model": False, "training.max_grad_norm": 0.0}
+    assert main(["train", *_overrides({**common, "training.per_device_train_batch_size": 8,
+                                       "tracking.run_name": "large"})]) == 0
+    assert main(["train", *_overrides({**common, "training.per_device_train_batch_size": 4,
+                                       "training.gradient_accumulation_steps": 2,
+                                       "output_dir": common["output_dir"] + "-accumulated",
+                                       "tracking.run_name": "accumulated"})]) == 0
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["hdkd-test"], output_format="list")}
+    client = MlflowClient()
+    for key in ("train/ce_loss", "train/hidden_mse", "train/loss"):
+        large = client.get_metric_history(runs["large"].info.run_id, key)
+        accumulated = client.get_metric_history(runs["accumulated"].info.run_id, key)
+        assert [m.step for m in large] == [m.step for m in accumulated] == [1, 2, 3]
+        assert accumulated[0].value == pytest.approx(large[0].value, rel=1e-4), key
