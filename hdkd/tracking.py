@@ -200,10 +200,10 @@ def log_dataset(split: str, source: str, ids: list[str], digest: str, portion: f
 
 def log_student_model(student_dir: str | Path, input_example: list[str], name: str = "student"):
     """Log the student as a pyfunc model defined from code (hdkd/pyfunc_model.py), hdkd in its requirements."""
-    from mlflow.models import infer_signature
+    from hdkd.pyfunc_model import student_signature
 
     package_dir = Path(__file__).resolve().parent
-    signature = infer_signature(input_example, ["B"])
+    signature = student_signature(student_dir)
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(package_dir / "pyfunc_model.py"),
