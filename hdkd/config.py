@@ -505,3 +505,48 @@ def render_yaml(cfg: Config | None = None) -> str:
 
     emit(cfg, "")
     return "\n".join(lines) + "\n"
+
+
+def render_markdown() -> str:
+    """Render every key with its type, default and help text as the Markdown page ``docs/configuration.md``."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Rendered from hdkd/config.py by `python -m hdkd config --markdown > docs/configuration.md`;",
+        "     edit the dataclasses, then re-render. A test checks that this page matches them. -->",
+        "",
+        "Every key is optional. A run takes the defaults below, then the YAML file given with `--config` (any",
+        "subset of keys, nested by section or dotted), then each `--set KEY=VALUE` in order. Values are read as",
+        "YAML scalars, so `1e-4`, `true` and `null` work on the command line. Unknown keys and invalid values are",
+        "all reported in one error. `python -m hdkd config` prints the full defaults as commented YAML, the same",
+        "content as `config/hyperparameters.yaml`.",
+        "",
+    ]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    def table(cls: type, prefix: str) -> list[str]:
+        rows = ["| key | type | default | description |", "|---|---|---|---|"]
+        hints = _hints(cls)
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            help_text = f.metadata.get("help", "")
+            choices = f.metadata.get("choices")
+            if choices:
+                help_text += " One of: " + ", ".join(f"`{choice}`" for choice in choices) + "."
+            default = _yaml_value(getattr(instance, f.name))
+            rows.append(f"| `{prefix}{f.name}` | {cell(_type_name(hints[f.name]))} | `{cell(default)}` | "
+                        f"{cell(help_text)} |")
+        return rows
+
+    lines += ["## Top-level keys", "", *table(Config, ""), ""]
+    hints = _hints(Config)
+    for f in dataclasses.fields(Config):
+        section = hints[f.name]
+        if not dataclasses.is_dataclass(section):
+            continue
+        lines += [f"## `{f.name}`", "", " ".join(section.__doc__.split()), "", *table(section, f"{f.name}."), ""]
+    return "\n".join(lines)
