@@ -77,6 +77,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hdkd import tracking
     from hdkd.pipeline import check_inputs
     from hdkd.runner import Interrupted, run_training
 
@@ -89,10 +90,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + err.signum
     s = outcome.summary
     note = " [RANDOM WEIGHTS: accuracies mean nothing]" if s["random_weights"] else ""
+    model = f", model runs:/{outcome.run_id}/student" if cfg.tracking.log_model else ""
     logging.getLogger("hdkd").info(
-        "run %s finished in %.1f s: teacher accuracy %.3f, student accuracy %.3f, agreement %.3f; artifacts in "
-        "MLflow and %s%s", outcome.run_id, s["total_seconds"], s["scores"]["teacher_accuracy"],
-        s["scores"]["student_accuracy"], s["scores"]["agreement"], cfg.output_dir, note)
+        "run %s finished in %.1f s: teacher accuracy %.3f, student accuracy %.3f, agreement %.3f; artifacts at %s%s, "
+        "report and student in %s%s", outcome.run_id, s["total_seconds"], s["scores"]["teacher_accuracy"],
+        s["scores"]["student_accuracy"], s["scores"]["agreement"], tracking.artifact_uri(outcome.run_id), model,
+        cfg.output_dir, note)
     return 0
 
 
@@ -106,8 +109,11 @@ def cmd_standins(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from hdkd.config import Config, render_yaml
+    from hdkd.config import Config, render_markdown, render_yaml
 
+    if args.markdown:
+        sys.stdout.write(render_markdown())
+        return 0
     cfg = _load(args, ()) if args.config or args.overrides else Config()
     sys.stdout.write(render_yaml(cfg))
     return 0
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the full configuration as commented YAML")
     config.add_argument("--config", default=None, help="YAML file to merge over the defaults")
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument("--markdown", action="store_true",
+                        help="print the key reference (type, default, help) as Markdown, as in docs/configuration.md")
     config.set_defaults(func=cmd_config)
     return parser
 

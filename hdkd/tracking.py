@@ -233,3 +233,25 @@ def active_run_id() -> str:
 
 def finished(status: str) -> bool:
     return status in (RunStatus.to_string(RunStatus.FINISHED),)
+
+
+# --- Queries --------------------------------------------------------------------------------------------
+
+
+def experiment_names() -> list[str]:
+    """Return the names of the active experiments in the store."""
+    return sorted(experiment.name for experiment in mlflow.search_experiments())
+
+
+def search_runs(experiment_name: str, filter_string: str = ""):
+    """Return an experiment's runs as the DataFrame ``mlflow.search_runs`` builds (``metrics.*``, ``params.*`` and
+    ``tags.*`` columns), or None when no active experiment has that name."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        return None
+    return mlflow.search_runs(experiment_ids=[experiment.experiment_id], filter_string=filter_string)
+
+
+def artifact_uri(run_id: str) -> str:
+    """Return where the run's artifacts are stored (a local path for the default sqlite store)."""
+    return MlflowClient().get_run(run_id).info.artifact_uri
