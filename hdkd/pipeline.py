@@ -56,6 +56,7 @@ class Prepared:
     bf16: bool
     teacher_seconds: float
     generations: int
+    teacher_split_seconds: dict[str, float] = field(default_factory=dict)  # teacher_train, teacher_validation
 
     @property
     def random_weights(self) -> bool:
@@ -75,6 +76,8 @@ class TrainResult:
     predictions: dict[str, list]
     interrupted: int | None = None  # signal number when stopped by SIGINT/SIGTERM
     extra: dict[str, Any] = field(default_factory=dict)
+    # training (the optimizer loop without evaluations), evaluation (all of them), save_student
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 # --- Checks ---------------------------------------------------------------------------------------------
@@ -125,9 +128,12 @@ def prepare(checked: Checked) -> Prepared:
                   eos_id=tokenizer.eos_token_id, device=device, bf16=bf16)
     teacher_train = teacher_mod.teacher_outputs(
         teacher_model, train_set, split="train", with_hidden=cfg.distill.teacher_hidden == "cached", **common)
+    train_done = time.perf_counter()
     teacher_validation = teacher_mod.teacher_outputs(
         teacher_model, validation_set, split="validation", with_hidden=True, **common)
-    teacher_seconds = time.perf_counter() - started
+    finished = time.perf_counter()
+    teacher_seconds = finished - started
+    split_seconds = {"teacher_train": train_done - started, "teacher_validation": finished - train_done}
 
     answers = tokenizer.batch_decode(teacher_validation.answers, skip_special_tokens=True)
     letters = [extract_letter(a, e.option_texts()) for a, e in zip(answers, checked.validation.examples)]
@@ -138,7 +144,7 @@ def prepare(checked: Checked) -> Prepared:
     return Prepared(cfg, checked, tokenizer, teacher_model, teacher_info, teacher_config, student_random,
                     train_set, validation_set,
                     teacher_train, teacher_validation, answers, letters, device, bf16, teacher_seconds,
-                    teacher_mod.counter.generations - before)
+                    teacher_mod.counter.generations - before, split_seconds)
 
 
 # --- Training -------------------------------------------------------------------------------------------
@@ -299,6 +305,7 @@ def train_and_evaluate(prepared: Prepared, cfg: Config, output_dir: Path, *, res
     with stopper:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
+    evaluation_in_loop = trainer.evaluation_seconds
 
     history = trainer.state.log_history
     if stopper.signum is not None:
@@ -312,7 +319,10 @@ def train_and_evaluate(prepared: Prepared, cfg: Config, output_dir: Path, *, res
         history = trainer.state.log_history
 
     student_dir = output_dir / "student"
+    save_started = time.perf_counter()
     _save_student(trainer, prepared, cfg, student_dir)
+    phase_seconds = {"training": train_seconds - evaluation_in_loop, "evaluation": trainer.evaluation_seconds,
+                     "save_student": time.perf_counter() - save_started}
     final = _final_values(history)
     examples = prepared.checked.validation.examples
     predictions = {
@@ -324,7 +334,7 @@ def train_and_evaluate(prepared: Prepared, cfg: Config, output_dir: Path, *, res
         "student_letter": [letter or "" for letter in store["letters"]],
     }
     return TrainResult(store["scores"], final, history, trainer.state.global_step, train_seconds, student_dir,
-                       predictions)
+                       predictions, phase_seconds=phase_seconds)
 
 
 def _final_values(history: list[dict[str, Any]]) -> dict[str, float]:

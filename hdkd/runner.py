@@ -175,6 +175,8 @@ def _finish(cfg: Config, checked: Checked, prepared: Prepared, result: TrainResu
         "final": result.final,
         "train_seconds": result.train_seconds,
         "teacher_seconds": prepared.teacher_seconds,
+        # teacher_train, teacher_validation, training (without evaluations), evaluation, save_student
+        "phase_seconds": {**prepared.teacher_split_seconds, **result.phase_seconds},
         "teacher_generations": prepared.generations,
         "total_seconds": time.perf_counter() - started,
         "student_dir": str(result.student_dir),

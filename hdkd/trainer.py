@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -101,6 +102,7 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._window = torch.zeros(2, device=self.args.device)  # ce_loss, hidden_mse summed over logged steps
         self._window_start_step = 0
+        self.evaluation_seconds = 0.0  # wall time spent in evaluate(), for the run's phase times
         self.add_callback(_WindowStart(self))
 
     # --- Loss ---------------------------------------------------------------------------------------
@@ -199,9 +201,11 @@ class DistillationTrainer(Trainer):
         return loss.detach(), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.student_evaluator is not None:
             scores = {f"{metric_key_prefix}_{k}": v for k, v in self.student_evaluator(self.model).items()}
             self.log(scores)
             metrics.update(scores)
+        self.evaluation_seconds += time.perf_counter() - started
         return metrics
