@@ -51,27 +51,36 @@ def locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def verify(folder: Path, key: str) -> bool:
-    """Return True when ``folder`` contains a complete entry for ``key`` whose files match their checksums."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+def verify(folder: Path, key: str, report: bool = True) -> bool:
+    """Return True when ``folder`` contains a complete entry for ``key`` whose files match their checksums.
+
+    A damaged entry is logged in one warning line unless ``report`` is False (a second check of the same entry).
+    """
+    if not folder.exists():
         return False
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("fingerprint") != key:
             raise ValueError(f"fingerprint {manifest.get('fingerprint')!r} != {key!r}")
         for name, digest in manifest["files"].items():
             if file_sha256(folder / name) != digest:
                 raise ValueError(f"checksum mismatch in {name}")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        logger.warning("cache entry %s is damaged (%s); rebuilding it", folder, err)
+        if report:
+            logger.warning("cache entry %s is damaged (%s); rebuilding it", folder, err)
         return False
     return True
 
 
 def write_entry(folder: Path, key: str, write_files: Callable[[Path], None], meta: dict | None = None) -> None:
-    """Build an entry in a temporary folder with ``write_files(tmp)``, add the manifest, and rename it into place."""
+    """Build an entry in a temporary folder with ``write_files(tmp)``, add the manifest, and rename it into place.
+
+    Call it under ``locked(folder)``: temporary folders of the same entry left by a killed process are removed.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write_files(tmp)
@@ -95,11 +104,13 @@ def read_meta(folder: Path) -> dict:
 
 def load_arrow(folder: Path, key: str):
     """Return the cached datasets.Dataset for ``key``, or None when absent or damaged."""
-    if not verify(folder, key):
-        return None
     import datasets
 
-    return datasets.Dataset.from_file(str(folder / "data.arrow"))
+    # Under the lock, so the entry is not replaced between the check and the read.
+    with locked(folder):
+        if not verify(folder, key):
+            return None
+        return datasets.Dataset.from_file(str(folder / "data.arrow"))
 
 
 def save_arrow(folder: Path, key: str, columns: dict[str, list]):
@@ -115,9 +126,10 @@ def save_arrow(folder: Path, key: str, columns: dict[str, list]):
             writer.finalize()
 
     with locked(folder):
-        if not verify(folder, key):
+        # Another process may have written the entry since load_arrow; a damaged one was reported there.
+        if not verify(folder, key, report=False):
             write_entry(folder, key, write)
-    return datasets.Dataset.from_file(str(folder / "data.arrow"))
+        return datasets.Dataset.from_file(str(folder / "data.arrow"))
 
 
 # --- JSON -----------------------------------------------------------------------------------------------

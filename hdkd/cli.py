@@ -178,9 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received outside the training loop; raised like Ctrl-C so an open run ends KILLED."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+
+    # The training loop replaces this handler with one that saves a checkpoint first.
+    in_main_thread = _main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args)
     except _bad_input_errors() as err:
@@ -189,6 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).replace("\n", " ")
         print(f"hdkd: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("hdkd: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except FloatingPointError as err:  # hdkd.trainer.NonFiniteLossError: names the step and the loss term
+        if args.debug:
+            raise
+        print(f"hdkd: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"hdkd: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -164,12 +164,13 @@ def load_split(cfg: DataConfig, split: str) -> SplitData:
         reasons[key] = reasons.get(key, 0) + 1
 
     skipped = len(rows) - len(examples)
-    if skipped:
-        logger.warning("%s: skipped %d of %d rows (%s)", source, skipped, len(rows),
-                       ", ".join(f"{n} {r}" for r, n in reasons.items()))
+    counts = ", ".join(f"{n} {r}" for r, n in reasons.items()) or "the file has no rows"
     if not examples:
-        raise DataError(f"{source}: no valid rows out of {len(rows)} (rows need question, options A) to E) "
-                        "and a correct letter among them)")
+        # The error carries the counts itself, so bad input stays one line of output.
+        raise DataError(f"{source}: no valid rows out of {len(rows)} ({counts}); rows need a question, options "
+                        "labelled A) to E) and a correct letter among them")
+    if skipped:
+        logger.warning("%s: skipped %d of %d rows (%s)", source, skipped, len(rows), counts)
     return SplitData(split, source, examples, len(rows), len(examples), skipped, reasons)
 
 

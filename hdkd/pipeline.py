@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -88,7 +89,8 @@ def check_inputs(cfg: Config) -> Checked:
     from hdkd import models
 
     train, validation = load_data(cfg.data, cfg.seed)
-    models.resolve_device(cfg.training.device)
+    device = models.resolve_device(cfg.training.device)
+    models.resolve_bf16(cfg.training.bf16, device)
     for role in ("teacher", "student"):
         models.check_model_source(cfg.get(role), role, cfg.trust_remote_code)
     teacher_tokenizer = models.load_tokenizer(cfg.teacher, cfg.trust_remote_code)
@@ -185,7 +187,14 @@ def _signal_callback(stopper: _StopOnSignal):
         def on_step_end(self, args, state, control, **kwargs):
             if stopper.signum is not None:
                 control.should_save = True
+                control.should_evaluate = False
                 control.should_training_stop = True
+            return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            # Stopping ends the epoch early; an uninterrupted run would not evaluate at this step.
+            if stopper.signum is not None:
+                control.should_evaluate = False
             return control
 
     return StopCallback()
@@ -252,9 +261,19 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool, device: torch.
     )
 
 
+def _checkpoint_complete(checkpoint: Path) -> bool:
+    # Trainer writes trainer_state.json last, so a checkpoint whose state parses was fully written.
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
+    """Return the newest complete ``checkpoint-N`` folder; one cut short by a kill is passed over."""
     checkpoints = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+    complete = [p for p in checkpoints if _checkpoint_complete(p)]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

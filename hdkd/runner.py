@@ -47,9 +47,13 @@ def _resume_key(cfg: Config) -> str:
 
 
 def _resumable_run(output_dir: Path, key: str) -> str | None:
-    """Return the run id to continue when output_dir contains a checkpoint of the same config from an unfinished run."""
+    """Return the id of an unfinished run of the same config that output_dir belongs to, to continue it.
+
+    The run is continued even without a checkpoint (killed before the first save): it then trains from step 0
+    but stays one run, instead of leaving a RUNNING run behind.
+    """
     state_path = output_dir / STATE_FILE
-    if not state_path.is_file() or latest_checkpoint(output_dir) is None:
+    if not state_path.is_file():
         return None
     import json
 
@@ -92,7 +96,7 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
     skip_through = tracking.last_logged_step(run_id) if resume_run else -1
     if resume_run:
         logger.info("continuing MLflow run %s from %s (steps up to %d already logged)", run_id,
-                    latest_checkpoint(output_dir), skip_through)
+                    latest_checkpoint(output_dir) or "step 0", skip_through)
     caching.write_json_atomic(output_dir / STATE_FILE, {"run_id": run_id, "fingerprint": key})
 
     try:

@@ -5,6 +5,7 @@ The trainer reports through ``MlflowMetricsCallback``; nothing else in the train
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -63,13 +64,32 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+# MLflow retries an unreachable server for minutes by default; the check of the store answers within seconds.
+_STORE_CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def open_store() -> MlflowClient:
     """Point MLflow at the store and check it opens; a bad URI raises ConfigError naming it."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
+        with _environment(_STORE_CHECK_ENV):
+            client.search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store
         raise ConfigError([f"MLflow tracking URI {mask_secrets(uri)!r} cannot be opened "
                            f"({type(err).__name__}: {mask_secrets(str(err).splitlines()[0] if str(err) else '')}); "
@@ -84,8 +104,12 @@ def start_run(experiment_name: str, run_name: str | None = None, run_id: str | N
         run_id = os.environ["MLFLOW_RUN_ID"]
     if run_id is None and not os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         mlflow.set_experiment(experiment_name)
-    return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags,
-                            log_system_metrics=system_metrics or None)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags,
+                           log_system_metrics=system_metrics or None)
+    if run_id is not None and "hdkd.error" in run.data.tags:
+        # A continued run is running again, so the error of its earlier attempt no longer describes it.
+        MlflowClient().delete_tag(run_id, "hdkd.error")
+    return run
 
 
 def end_run(status: str, error: BaseException | None = None) -> None:
