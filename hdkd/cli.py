@@ -71,6 +71,11 @@ def _setup_logging(level: str) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules and os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+            # transformers reads the variable once, when first imported; a caller may have imported it already.
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.set_verbosity_error()
 
 
 # --- Commands -------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class _Unparsed:
 def _read_hub_split(dataset: str, config_name: str, split: str) -> list[dict]:
     from hdkd import hub
 
-    hub.require_dataset(dataset)
+    hub.require_dataset(dataset, config_name)
     import datasets
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,9 +58,26 @@ def _cached_model(repo_id: str) -> bool:
         return False
 
 
+def use_offline_mode() -> None:
+    """Switch huggingface_hub, transformers and datasets to offline mode for the rest of this process.
+
+    Called once the hub is known to be unreachable: a cached model or dataset then loads at once instead of
+    after a minute of retries, each printed as a warning.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # A module imported earlier read the variable at import time and keeps the flag as a module attribute.
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+        datasets_config.HF_DATASETS_OFFLINE = True
+
+
 def require_model(value: str, role: str) -> None:
     """Raise HubUnavailableError unless ``value`` is a local directory, a cached hub model or a reachable hub id."""
-    if Path(value).is_dir() or _cached_model(value):
+    if Path(value).is_dir():
         return
     # A hub id is "name" or "owner/name"; anything else can only be a directory.
     if value.startswith((".", "/", "~")) or value.count("/") > 1:
@@ -67,21 +85,25 @@ def require_model(value: str, role: str) -> None:
     problem = hub_problem()
     if problem is None:
         return
+    use_offline_mode()
+    if _cached_model(value):
+        return
     raise HubUnavailableError(
         f"{role} {value!r} is neither an existing local directory nor a reachable hub model ({problem}); "
         f"set {role} to a local model directory (for offline stand-ins see `python -m hdkd standins --help`)"
     )
 
 
-def require_dataset(dataset: str) -> None:
+def require_dataset(dataset: str, config_name: str = "raw") -> None:
     """Raise HubUnavailableError when the hub dataset cannot be downloaded and is not in the local cache."""
     problem = hub_problem()
     if problem is None:
         return
+    use_offline_mode()
     try:
         import datasets
 
-        datasets.load_dataset_builder(dataset, "raw", download_mode="reuse_cache_if_exists")
+        datasets.load_dataset_builder(dataset, config_name, download_mode="reuse_cache_if_exists")
         return
     except Exception:  # noqa: BLE001 - not cached: report below with the fix
         pass
