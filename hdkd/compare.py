@@ -120,10 +120,14 @@ def write_comparison_plot(runs_frame: pd.DataFrame, path: str | Path) -> Path:
     # Per run: teacher and student bars side by side, best student on the left.
     positions = list(range(count))
     bar = 0.4
-    per_run.bar([p - bar / 2 for p in positions], summary["teacher_accuracy"].fillna(0), bar, label="teacher",
-                color="#4c72b0")
-    per_run.bar([p + bar / 2 for p in positions], summary["student_accuracy"], bar, label="student",
-                color="#dd8452")
+    teacher_bars = per_run.bar([p - bar / 2 for p in positions], summary["teacher_accuracy"].fillna(0), bar,
+                               label="teacher", color="#4c72b0")
+    student_bars = per_run.bar([p + bar / 2 for p in positions], summary["student_accuracy"], bar, label="student",
+                               color="#dd8452")
+    if count <= 20:
+        # Value labels keep a zero-height bar readable.
+        for bars in (teacher_bars, student_bars):
+            per_run.bar_label(bars, labels=[f"{bar_.get_height():.0%}" for bar_ in bars], fontsize=7, padding=2)
     labels = [f"{name}{' *' if random else ''}" for name, random in zip(summary["run_name"], summary["random_weights"])]
     per_run.set_xticks(positions, labels, rotation=35 if count > 3 else 0, ha="right" if count > 3 else "center",
                        fontsize=8)
@@ -132,16 +136,17 @@ def write_comparison_plot(runs_frame: pd.DataFrame, path: str | Path) -> Path:
 
     # Accuracy against the loss weighting. The teacher does not depend on hidden_weight, so its points form a line.
     by_weight.scatter(summary["hidden_weight"], summary["teacher_accuracy"], label="teacher", color="#4c72b0",
-                      marker="s")
-    by_weight.scatter(summary["hidden_weight"], summary["student_accuracy"], label="student", color="#dd8452")
+                      marker="s", s=50, clip_on=False, zorder=3)
+    by_weight.scatter(summary["hidden_weight"], summary["student_accuracy"], label="student", color="#dd8452",
+                      s=25, clip_on=False, zorder=4)
     by_weight.set_xlim(-0.05, 1.05)
     by_weight.set_xlabel("hidden_weight (weight of the hidden-state MSE)")
     by_weight.set_title("Accuracy vs hidden_weight")
 
     for axes in (per_run, by_weight):
-        axes.set_ylim(0, 1)
+        axes.set_ylim(0, 1.05)
         axes.axhline(CHANCE_ACCURACY, linestyle=":", color="black", linewidth=1, label="chance (5 options)")
-        axes.legend(fontsize=8, loc="upper right")
+        axes.legend(fontsize=8, loc="upper left")
     if summary["random_weights"].any():
         fig.suptitle("* random-weight stand-ins: these accuracies mean nothing", color="#b00020", fontsize=11)
     fig.tight_layout()
