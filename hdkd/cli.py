@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # hdkd.trainer.NonFiniteLossError: names the step and the loss term
         if args.debug:
             raise
-        print(f"hdkd: error: {err}", file=sys.stderr)
+        # Training stopped under an open progress bar, which leaves the cursor at the end of its line.
+        print(f"\nhdkd: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)

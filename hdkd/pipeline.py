@@ -187,13 +187,12 @@ def _signal_callback(stopper: _StopOnSignal):
         def on_step_end(self, args, state, control, **kwargs):
             if stopper.signum is not None:
                 control.should_save = True
-                control.should_evaluate = False
                 control.should_training_stop = True
             return control
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            # Stopping ends the epoch early; an uninterrupted run would not evaluate at this step.
-            if stopper.signum is not None:
+            # Stopping cuts the epoch short, and an uninterrupted run would not evaluate at this step.
+            if stopper.signum is not None and not float(state.epoch).is_integer():
                 control.should_evaluate = False
             return control
 

@@ -69,8 +69,9 @@ _STORE_CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {name: os.environ.get(name) for name in values}
+def _environment(values: dict[str, str], keep: tuple[str, ...] = ()):
+    """Set ``values`` in os.environ for the block, then restore those names and the ``keep`` names as they were."""
+    saved = {name: os.environ.get(name) for name in (*values, *keep)}
     os.environ.update(values)
     try:
         yield
@@ -103,7 +104,10 @@ def start_run(experiment_name: str, run_name: str | None = None, run_id: str | N
     if run_id is None and not nested and os.environ.get("MLFLOW_RUN_ID"):
         run_id = os.environ["MLFLOW_RUN_ID"]
     if run_id is None and not os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        mlflow.set_experiment(experiment_name)
+        # set_experiment also exports MLFLOW_EXPERIMENT_ID. Left set, it would read as `mlflow run`'s choice: the
+        # next run of this process (another experiment_name) and child processes would log to this experiment.
+        with _environment({}, keep=("MLFLOW_EXPERIMENT_ID",)):
+            mlflow.set_experiment(experiment_name)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags,
                            log_system_metrics=system_metrics or None)
     if run_id is not None and "hdkd.error" in run.data.tags:

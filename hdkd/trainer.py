@@ -82,6 +82,34 @@ class _WindowStart(TrainerCallback):
         self.trainer.projection.zero_grad(set_to_none=True)
 
 
+class _EpochSeededLengthSampler(torch.utils.data.Sampler):
+    """Length-grouped order (transformers' LengthGroupedSampler) drawn from ``seed`` and the epoch only.
+
+    LengthGroupedSampler draws from the global RNG, which a run resumed in a later epoch restores only after the
+    epoch's order was drawn, so the resumed run would see other batches than an uninterrupted one.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self.lengths = lengths
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # Trainer calls this (through accelerate's data loader) before each epoch, resumed ones included.
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss mixes the student's cross-entropy with a projected hidden-state MSE."""
 
@@ -162,10 +190,9 @@ class DistillationTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
             batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=self.train_lengths)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return _EpochSeededLengthSampler(batch, self.train_lengths, seed)
         return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
