@@ -61,6 +61,10 @@ def check_model_source(value: str, role: str, trust_remote_code: bool = False) -
     try:
         config = AutoConfig.from_pretrained(value, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError here
+        if not trust_remote_code and "trust_remote_code" in str(err):
+            raise ModelError(f"{role} {value!r} is not a loadable transformers model without running Python code "
+                             "that comes with it, which hdkd runs only with trust_remote_code=true; set it only for "
+                             "code you have read") from None
         raise ModelError(f"{role} {value!r} is not a loadable transformers model ({type(err).__name__}: "
                          f"{str(err).splitlines()[0]})") from None
     if not getattr(config, "is_encoder_decoder", False):

@@ -189,7 +189,8 @@ def _finish(cfg: Config, checked: Checked, prepared: Prepared, result: TrainResu
         folder = Path(tmp)
         md_path, json_path = write_report(summary, folder)
         plots = write_plots(result.history, result.scores, folder / "plots", prepared.random_weights)
-        (folder / "config.yaml").write_text(render_yaml(cfg), encoding="utf-8")
+        # Masked like the params: search.storage may carry a database password.
+        (folder / "config.yaml").write_text(tracking.mask_secrets(render_yaml(cfg)), encoding="utf-8")
         for path in (md_path, json_path, folder / "config.yaml"):
             tracking.log_artifact(path)
         for path in plots:
