@@ -39,7 +39,7 @@ def masked_url(url: str) -> str:
 def check_optuna_storage(url: str) -> None:
     """Raise ConfigError naming the storage (password masked) and the fix unless ``url`` can be opened.
 
-    A SQLite or journal file that does not exist yet passes when its folder exists or can be created; an existing
+    A SQLite or journal file that does not exist yet passes when its folder exists or can be created. An existing
     SQLite file must be a SQLite database. A database server must accept a connection within
     ``CONNECT_TIMEOUT_S`` seconds.
     """

@@ -64,7 +64,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-# MLflow retries an unreachable server for minutes by default; the check of the store answers within seconds.
+# MLflow retries an unreachable server for minutes by default, so the store check makes one short attempt.
 _STORE_CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 

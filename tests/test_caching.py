@@ -171,7 +171,7 @@ def _teacher_entry(cache: Path, split: str) -> Path:
 def test_teacher_cache_damage_rebuilt(tiny_config, tmp_path, caplog, damage):
     cache = Path(tiny_config["cache_dir"])
     first, generated = _prepare(tiny_config)
-    # 24 training and 16 validation rows: the teacher answers each once.
+    # 24 training and 16 validation rows: the teacher generates for each once.
     assert generated == 40
 
     entry = _teacher_entry(cache, "train")
@@ -249,7 +249,7 @@ def test_two_processes_build_one_cache(tiny_config, tmp_path):
         assert process.returncode == 0, stderr
         outputs.append(json.loads(stdout.strip().splitlines()[-1]))
 
-    # Each entry was built once: 24 training and 16 validation answers in all, split between the two.
+    # Each entry was built once: 24 training and 16 validation generations in all, split between the two.
     assert sum(output["generations"] for output in outputs) == 40
     assert sorted(output["generations"] for output in outputs) in ([0, 40], [16, 24])
     first, second = outputs

@@ -1,6 +1,8 @@
-"""Crash and signal handling of `python -m hdkd train`: a run killed with SIGKILL continues from its last
-checkpoint in the same MLflow run and ends as an uninterrupted run would; SIGTERM writes a checkpoint, ends the
-run KILLED and exits with 128 + 15; an exception or a non-finite loss ends the run FAILED."""
+"""Crash and signal handling of `python -m hdkd train`.
+
+A run killed with SIGKILL continues from its last checkpoint in the same MLflow run and ends as an uninterrupted
+run would. SIGTERM writes a checkpoint, ends the run KILLED and exits with 128 + 15. An exception or a
+non-finite loss ends the run FAILED."""
 
 from __future__ import annotations
 
@@ -207,3 +209,22 @@ def test_exception_fails_run_with_tag(mlflow_store, tiny_config, monkeypatch):
     run = _only_run("hdkd-test")
     assert run.info.status == "FAILED"
     assert run.data.tags["hdkd.error"] == "RuntimeError: report folder is read-only"
+
+
+def test_sigterm_before_training_ends_killed(mlflow_store, tiny_config, monkeypatch, capsys):
+    from hdkd import runner
+
+    def prepare_then_terminated(checked):
+        # SIGTERM arrives during the teacher's work, before the training loop installs its own handler.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(runner, "prepare", prepare_then_terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["train", *_overrides(tiny_config)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-1] == "hdkd: interrupted by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous
+    run = _only_run("hdkd-test")
+    assert run.info.status == "KILLED"
+    assert run.data.tags["hdkd.error"] == "Terminated: stopped by SIGTERM"

@@ -1,6 +1,6 @@
-"""Security rules: no unpickling of files a user or a cache could have written, no model code run unless
-trust_remote_code is on, no secret from the environment or a storage URL in a run's params, tags or artifacts,
-and docs that bind the MLflow UI to 127.0.0.1."""
+"""Security rules. hdkd never unpickles files a user or a cache could have written, and runs no model code unless
+trust_remote_code is on. No secret from the environment or a storage URL reaches a run's params, tags or
+artifacts. The docs bind the MLflow UI to 127.0.0.1."""
 
 from __future__ import annotations
 
