@@ -58,20 +58,24 @@ def run_search(cfg: Config, force: bool = False) -> int:
     study = _load_study(cfg, storage, lock)
     client = _open_mlflow_store(cfg)
     parent_id = _start_parent_run(cfg)
-    logger.info("study %r in %s: %d of %d trials claimed; parent run %s", s.study_name,
-                tracking.mask_secrets(s.storage), _claimed_count(study), s.n_trials, parent_id)
 
     try:
+        _log_parent_params(cfg)
+        logger.info("study %r in %s: %d of %d trials claimed; parent run %s", s.study_name,
+                    tracking.mask_secrets(s.storage), _claimed_count(study), s.n_trials, parent_id)
         prepared, signum = _run_trials(study, cfg, checked, lock, parent_id)
         random_weights = prepared.random_weights if prepared else _random_weights(cfg)
         best = _summarise(study, cfg, client, random_weights)
         exit_code = 0
         if signum is not None:
             exit_code = 128 + signum
-        elif best is None:
+        elif best is None and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             logger.error("study %r has no completed trial with a finite %s; the hdkd.error tags of the trial runs "
                          "say why they failed", s.study_name, s.metric)
             exit_code = 1
+        elif best is None:
+            logger.info("study %r has no completed trial yet; other processes are still running trials",
+                        s.study_name)
         else:
             exit_code = _register_best(study, cfg, checked, client, lock, force)
     except BaseException as err:
@@ -310,14 +314,17 @@ def _start_parent_run(cfg: Config) -> str:
     # Under `mlflow run`, tracking.start_run passes MLFLOW_RUN_ID to MLflow as an explicit run id, so MLflow leaves
     # the variable set. A nested start_run would then read it again and log the trial into this parent run.
     os.environ.pop("MLFLOW_RUN_ID", None)
+    return run.info.run_id
 
+
+def _log_parent_params(cfg: Config) -> None:
+    s = cfg.search
     flat = {key: value for key, value in cfg.flat().items()
             if key not in SEARCHED.values() and key != "tracking.run_name"}
     tracking.log_config(flat)
     space = {"search.space.hidden_weight": f"uniform({s.hidden_weight_low}, {s.hidden_weight_high})",
              "search.space.learning_rate": f"log-uniform({s.learning_rate_low}, {s.learning_rate_high})"}
     tracking.log_config(space)
-    return run.info.run_id
 
 
 def _trial_dir(cfg: Config, number: int) -> Path:
@@ -409,6 +416,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, checked: C
     except Exception as err:  # noqa: BLE001 - any error fails this trial only; the study goes on
         message = tracking.mask_secrets(f"{type(err).__name__}: {err}")
         logger.error("trial %d failed: %s", trial.number, message)
+        _link_run(trial, parent_id)
         _tell_failed(study, trial, message)
         return
     except BaseException:
@@ -422,11 +430,25 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, checked: C
     if "eval/loss" in metrics:
         trial.set_user_attr("eval_loss", metrics["eval/loss"])
     if value is None or not math.isfinite(value):
-        _tell_failed(study, trial, f"run {outcome.run_id} has no finite final {s.metric} (got {value})")
+        message = f"run {outcome.run_id} has no finite final {s.metric} (got {value})"
+        logger.error("trial %d failed: %s", trial.number, message)
+        MlflowClient().set_tag(outcome.run_id, "hdkd.error", message)
+        _tell_failed(study, trial, message)
         return
     study.tell(trial, value)
     note = f" ({RANDOM_NOTE})" if prepared.random_weights else ""
     logger.info("trial %d: %s=%.4g%s", trial.number, s.metric, value, note)
+
+
+def _link_run(trial: optuna.Trial, parent_id: str) -> None:
+    """Record the trial's run id when the trial failed before its training started (and before TrialCallback ran)."""
+    if "mlflow_run_id" in trial.user_attrs:
+        return
+    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
+    runs = MlflowClient().search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`hdkd.trial` = '{trial.number}'"))
+    if runs:
+        trial.set_user_attr("mlflow_run_id", runs[0].info.run_id)
 
 
 def _tell_failed(study: optuna.Study, trial: optuna.Trial, message: str) -> None:
@@ -471,6 +493,7 @@ def best_trial(study: optuna.Study, metric: str, direction: str, client: MlflowC
 def _summarise(study: optuna.Study, cfg: Config, client: MlflowClient, random_weights: bool) -> BestTrial | None:
     """Log the study's state, its best trial, plots and a CSV of all trials on the parent run."""
     s = cfg.search
+    mlflow.set_tags(tracking.base_tags(cfg.teacher, cfg.student, random_weights))
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in (*FINISHED, TrialState.RUNNING)}
     tracking.log_metrics({f"study/{state.name.lower()}": float(n) for state, n in counts.items()}, step=0)

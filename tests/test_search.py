@@ -206,7 +206,8 @@ def test_search_prunes_worse_trial(mlflow_store, search_config):
     # leaves the loss above the first trial's, and the median pruner (active after one trial) stops it.
     values = {**search_config, "search.metric": "eval/loss", "search.direction": "minimize",
               "search.pruner_startup_trials": 1, "search.n_trials": 2, "training.eval_steps": 1,
-              "search.hidden_weight_low": 0.0, "search.hidden_weight_high": 0.0}
+              "training.per_device_train_batch_size": 12, "search.hidden_weight_low": 0.0,
+              "search.hidden_weight_high": 0.0}
     study = optuna.create_study(study_name="tiny", storage=search._open_storage(values["search.storage"]),
                                 direction="minimize")
     study.enqueue_trial({"hidden_weight": 0.0, "learning_rate": 1e-3})
