@@ -101,6 +101,8 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
 
     try:
         tracking.log_config(cfg.flat())
+        # A run given a Prepared (a study trial) reuses teacher work done before it, so it reports none.
+        teacher_work_here = prepared is None
         prepared = prepared or prepare(checked)
         _log_lineage(cfg, checked, prepared)
         metrics_callback = tracking.MlflowMetricsCallback(run_id, skip_through_step=skip_through)
@@ -109,7 +111,7 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
         if result.interrupted is not None:
             raise Interrupted(result.interrupted)
         summary = _finish(cfg, checked, prepared, result, run_id, output_dir, started, parent_run_id,
-                          cfg.tracking.log_model if log_model is None else log_model)
+                          cfg.tracking.log_model if log_model is None else log_model, teacher_work_here)
     except Interrupted as err:
         tracking.end_run("KILLED", err)
         raise
@@ -147,11 +149,12 @@ def _log_lineage(cfg: Config, checked: Checked, prepared: Prepared) -> None:
 
 
 def _finish(cfg: Config, checked: Checked, prepared: Prepared, result: TrainResult, run_id: str, output_dir: Path,
-            started: float, parent_run_id: str | None, log_model: bool) -> dict[str, Any]:
+            started: float, parent_run_id: str | None, log_model: bool, teacher_work_here: bool = True) -> dict[str, Any]:
     from hdkd.report import write_plots, write_report
 
-    tracking.log_metrics({"teacher/seconds": prepared.teacher_seconds,
-                          "teacher/generations": prepared.generations,
+    generations = prepared.generations if teacher_work_here else 0
+    tracking.log_metrics({"teacher/seconds": prepared.teacher_seconds if teacher_work_here else 0.0,
+                          "teacher/generations": generations,
                           "train/seconds": result.train_seconds}, step=result.steps)
     tracking.log_table(result.predictions, "predictions.json")
     summary = {
@@ -181,7 +184,7 @@ def _finish(cfg: Config, checked: Checked, prepared: Prepared, result: TrainResu
         "teacher_seconds": prepared.teacher_seconds,
         # teacher_train, teacher_validation, training (without evaluations), evaluation, save_student
         "phase_seconds": {**prepared.teacher_split_seconds, **result.phase_seconds},
-        "teacher_generations": prepared.generations,
+        "teacher_generations": generations,
         "total_seconds": time.perf_counter() - started,
         "student_dir": str(result.student_dir),
     }

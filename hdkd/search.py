@@ -518,7 +518,25 @@ def _summarise(study: optuna.Study, cfg: Config, client: MlflowClient, random_we
         tracking.log_artifact(csv_path)
         for path in write_study_plots(study, s.metric, folder / "plots", random_weights, cfg.seed):
             tracking.log_artifact(path, "plots")
+        comparison = _write_study_comparison(s.study_name, folder / "plots" / "comparison.png")
+        if comparison is not None:
+            tracking.log_artifact(comparison, "plots")
     return best
+
+
+def _write_study_comparison(study_name: str, path: Path) -> Path | None:
+    """Plot teacher vs student accuracy for the study's trial runs (the `compare` command's figure)."""
+    from hdkd.compare import write_comparison_plot
+
+    experiment_id = mlflow.active_run().info.experiment_id
+    escaped = study_name.replace("'", "\\'")
+    runs = mlflow.search_runs(experiment_ids=[experiment_id],
+                              filter_string=f"tags.`hdkd.study` = '{escaped}' and tags.`hdkd.role` = 'trial'")
+    try:
+        return write_comparison_plot(runs, path)
+    except ValueError as err:
+        logger.info("comparison plot not written: %s", err)
+        return None
 
 
 def write_study_plots(study: optuna.Study, metric: str, out_dir: Path, random_weights: bool, seed: int) -> list[Path]:

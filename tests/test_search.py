@@ -112,7 +112,7 @@ def test_search_three_trials_nested_runs(mlflow_store, search_config, monkeypatc
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/hidden_weight_learning_rate.png"} <= plots
+    assert {"plots/optimization_history.png", "plots/hidden_weight_learning_rate.png", "plots/comparison.png"} <= plots
     with open(client.download_artifacts(parent.info.run_id, "trials.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(int(row["number"]) for row in rows) == [0, 1, 2]
