@@ -199,6 +199,33 @@ def _signal_callback(stopper: _StopOnSignal):
     return StopCallback()
 
 
+def _save_after_epoch_evaluation():
+    """Move a checkpoint due at an epoch's last step to after that epoch's evaluation.
+
+    Trainer saves at the step, then evaluates at the epoch's end. A run killed in between would resume from that
+    checkpoint in the next epoch, so the evaluation would be missing from the run for good.
+    """
+    from transformers import TrainerCallback
+
+    class SaveAfterEvaluation(TrainerCallback):
+        deferred = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            epoch_end = float(state.epoch).is_integer()
+            if control.should_save and epoch_end and args.eval_strategy == "epoch":
+                control.should_save = False
+                self.deferred = True
+            return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if self.deferred:
+                control.should_save = True
+                self.deferred = False
+            return control
+
+    return SaveAfterEvaluation()
+
+
 def _student_evaluator(prepared: Prepared, batch_size: int, store: dict[str, Any]) -> Callable:
     """Return a function that generates the student's validation answers and scores them (cached teacher side)."""
     from hdkd import generation
@@ -307,7 +334,7 @@ def train_and_evaluate(prepared: Prepared, cfg: Config, output_dir: Path, *, res
         eval_dataset=validation_dataset,
         data_collator=DistillationCollator(prepared.tokenizer.pad_token_id),
         processing_class=prepared.tokenizer,
-        callbacks=[*(callbacks or []), _signal_callback(stopper)],
+        callbacks=[*(callbacks or []), _signal_callback(stopper), _save_after_epoch_evaluation()],
         projection=projection,
         hidden_weight=cfg.distill.hidden_weight,
         projection_direction=cfg.distill.projection,

@@ -93,10 +93,10 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
     run = tracking.start_run(cfg.tracking.experiment_name, cfg.tracking.run_name, run_id=resume_run, nested=nested,
                              tags=tags, system_metrics=cfg.tracking.system_metrics)
     run_id = run.info.run_id
-    skip_through = tracking.last_logged_step(run_id) if resume_run else -1
+    logged_steps = tracking.last_logged_steps(run_id) if resume_run else {}
     if resume_run:
         logger.info("continuing MLflow run %s from %s (steps up to %d already logged)", run_id,
-                    latest_checkpoint(output_dir) or "step 0", skip_through)
+                    latest_checkpoint(output_dir) or "step 0", max(logged_steps.values(), default=0))
     caching.write_json_atomic(output_dir / STATE_FILE, {"run_id": run_id, "fingerprint": key})
 
     try:
@@ -105,7 +105,7 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
         teacher_work_here = prepared is None
         prepared = prepared or prepare(checked)
         _log_lineage(cfg, checked, prepared)
-        metrics_callback = tracking.MlflowMetricsCallback(run_id, skip_through_step=skip_through)
+        metrics_callback = tracking.MlflowMetricsCallback(run_id, logged_steps=logged_steps)
         result = train_and_evaluate(prepared, cfg, output_dir, resume=resume_run is not None,
                                     callbacks=[metrics_callback, *(callbacks or [])])
         if result.interrupted is not None:

@@ -167,36 +167,39 @@ def base_tags(teacher: str, student: str, random_weights: bool) -> dict[str, str
 # --- Metrics --------------------------------------------------------------------------------------------
 
 
-def last_logged_step(run_id: str) -> int:
-    """Return the highest step of any train/* or eval/* metric already in the run (-1 for none)."""
+def last_logged_steps(run_id: str) -> dict[str, int]:
+    """Return the highest step of each train/* and eval/* metric already in the run."""
     client = MlflowClient()
-    last = -1
+    last = {}
     for key in client.get_run(run_id).data.metrics:
         if key.startswith(("train/", "eval/")):
             history = client.get_metric_history(run_id, key)
             if history:
-                last = max(last, max(m.step for m in history))
+                last[key] = max(m.step for m in history)
     return last
 
 
 class MlflowMetricsCallback(TrainerCallback):
     """Send Trainer logs to MLflow as train/* and eval/* metrics at the optimizer step.
 
-    After a resume, steps already in the run (logged before the crash) are skipped, so each step appears once.
+    After a resume, ``logged_steps`` (from ``last_logged_steps``) holds what the run had before the crash. A
+    metric is sent only for steps after its own last one, so each step appears once. An evaluation the crash
+    cut short is still sent when the resumed run repeats it.
     """
 
-    def __init__(self, run_id: str, skip_through_step: int = -1):
+    def __init__(self, run_id: str, logged_steps: dict[str, int] | None = None):
         self.run_id = run_id
-        self.skip_through_step = skip_through_step
+        self.logged_steps = dict(logged_steps or {})
         self.client = MlflowClient()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         step = state.global_step
-        if not logs or step <= self.skip_through_step:
+        if not logs:
             return
         stamp = int(time.time() * 1000)
         metrics = [Metric(METRIC_NAMES[k], float(v), stamp, step) for k, v in logs.items()
-                   if k in METRIC_NAMES and isinstance(v, (int, float))]
+                   if k in METRIC_NAMES and isinstance(v, (int, float))
+                   and step > self.logged_steps.get(METRIC_NAMES[k], -1)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 

@@ -199,16 +199,15 @@ def test_non_finite_loss_fails_run(mlflow_store, tiny_config, capsys):
 def test_exception_fails_run_with_tag(mlflow_store, tiny_config, monkeypatch):
     from hdkd import runner
 
-    def broken_report(*args, **kwargs):
-        raise RuntimeError("report folder is read-only")
+    def broken_prepare(checked):
+        raise RuntimeError("teacher cache folder is read-only")
 
-    monkeypatch.setattr(runner, "_finish", broken_report)
-    values = {**tiny_config, "training.num_train_epochs": 1, "tracking.log_model": False}
-    with pytest.raises(RuntimeError, match="report folder is read-only"):
-        main(["train", *_overrides(values)])
+    monkeypatch.setattr(runner, "prepare", broken_prepare)
+    with pytest.raises(RuntimeError, match="teacher cache folder is read-only"):
+        main(["train", *_overrides(tiny_config)])
     run = _only_run("hdkd-test")
     assert run.info.status == "FAILED"
-    assert run.data.tags["hdkd.error"] == "RuntimeError: report folder is read-only"
+    assert run.data.tags["hdkd.error"] == "RuntimeError: teacher cache folder is read-only"
 
 
 def test_sigterm_before_training_ends_killed(mlflow_store, tiny_config, monkeypatch, capsys):
@@ -228,3 +227,31 @@ def test_sigterm_before_training_ends_killed(mlflow_store, tiny_config, monkeypa
     run = _only_run("hdkd-test")
     assert run.info.status == "KILLED"
     assert run.data.tags["hdkd.error"] == "Terminated: stopped by SIGTERM"
+
+
+def test_crash_after_epoch_end_checkpoint_keeps_evaluation(mlflow_store, tiny_config):
+    from transformers import TrainerCallback
+
+    from hdkd.config import load_config
+    from hdkd.runner import run_training
+
+    class CrashAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise RuntimeError("simulated crash after checkpoint-6")
+
+    # 6 steps per epoch and a checkpoint every 6: checkpoint-6 falls on the first epoch's end.
+    cfg = load_config(None, {**tiny_config, "training.save_steps": 6, "tracking.log_model": False})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(cfg, callbacks=[CrashAfterSave()])
+    crashed = _only_run("hdkd-test")
+    assert crashed.info.status == "FAILED"
+    # The checkpoint was written after the epoch's evaluation, so the evaluation is in the run.
+    assert [step for step, _ in _history(crashed.info.run_id, "eval/student_accuracy")] == [6]
+
+    outcome = run_training(cfg)
+    assert outcome.run_id == crashed.info.run_id
+    run = _only_run("hdkd-test")
+    assert run.info.status == "FINISHED"
+    assert [step for step, _ in _history(run.info.run_id, "eval/student_accuracy")] == [6, 12]
+    assert [step for step, _ in _history(run.info.run_id, "train/loss")] == list(range(1, 13))
