@@ -1,4 +1,10 @@
-"""Batched generation with the KV cache, and decoder hidden states for given labels."""
+"""Batched generation with the KV cache, and decoder hidden states for given labels.
+
+A generation batch is encoded in smaller groups of similar length, so the encoder does little work on padding,
+and then decoded as one batch, so each decoding step runs large matrix products. For T5-style decoders the
+cross-attention keys and values are computed once per example from the encoder states and shared by every beam
+and by the teacher-forced pass for the labels' hidden states.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 8
+# An encoder group grows while its padding stays within this share of its tokens.
+ENCODER_PADDING = 0.1
 
 
 @dataclass
@@ -40,6 +49,99 @@ def autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def round_up(length: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-length // multiple) * multiple
+
+
+def encoder_groups(lengths: list[int], max_padding: float = ENCODER_PADDING) -> list[slice]:
+    """Split lengths sorted longest first into runs that each pad to their first length (rounded up to
+    PAD_MULTIPLE) with at most ``max_padding`` * real tokens of padding."""
+    groups, start, tokens = [], 0, 0
+    for end, length in enumerate(lengths):
+        width = round_up(lengths[start])
+        if end > start and width * (end - start + 1) > (1 + max_padding) * (tokens + length):
+            groups.append(slice(start, end))
+            start, tokens = end, 0
+        tokens += length
+    groups.append(slice(start, len(lengths)))
+    return groups
+
+
+def cross_attention_layers(model) -> list | None:
+    """Return the decoder's cross-attention modules when they have T5's layout (``k``, ``v`` projections), else None."""
+    blocks = getattr(model.get_decoder(), "block", None)
+    if blocks is None:
+        return None
+    try:
+        layers = [block.layer[1].EncDecAttention for block in blocks]
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if all(hasattr(layer, "k") and hasattr(layer, "v") and hasattr(layer, "key_value_proj_dim") for layer in layers):
+        return layers
+    return None
+
+
+@dataclass
+class EncodedBatch:
+    """Encoder outputs of one batch, padded to the width of its longest prompt, in the batch's order."""
+
+    hidden: torch.Tensor  # (batch, width, d_model)
+    attention_mask: torch.Tensor  # (batch, width)
+    cross_keys: list[torch.Tensor] | None  # per decoder layer: (batch, heads, width, head_dim)
+    cross_values: list[torch.Tensor] | None
+
+    def cache(self, model, repeat: int = 1):
+        """Return a KV cache whose cross-attention part holds this batch's keys and values, each row repeated
+        ``repeat`` times (once per beam); None when the model's layout is not known (transformers builds one).
+
+        Beam search reorders the cache after every step, but only among the beams of one example, and those
+        beams share the example's cross-attention keys and values. The returned cache therefore reorders only
+        the self-attention part, which skips a copy of (batch * beams, heads, width, head_dim) per layer and step.
+        """
+        if self.cross_keys is None:
+            return None
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        class SelfAttentionReorderCache(EncoderDecoderCache):
+            def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+                self.self_attention_cache.reorder_cache(beam_idx)
+
+        def expand(states: torch.Tensor) -> torch.Tensor:
+            return states.repeat_interleave(repeat, dim=0) if repeat > 1 else states
+
+        cross = DynamicCache([(expand(k), expand(v)) for k, v in zip(self.cross_keys, self.cross_values)])
+        return SelfAttentionReorderCache(DynamicCache(), cross)
+
+
+def encode_batch(model, sequences: list[list[int]], pad_id: int, device: torch.device) -> EncodedBatch:
+    """Run the encoder on ``sequences`` (sorted longest first) in groups of similar length.
+
+    Each group is padded only to its own longest prompt; the outputs are then padded with zeros (masked out)
+    to the batch's width. For T5-style decoders the cross-attention keys and values are computed here, once per
+    example, so neither beam search nor the hidden-state pass recomputes them.
+    """
+    width = round_up(len(sequences[0]))
+    layers = cross_attention_layers(model)
+    hidden_parts, mask_parts = [], []
+    key_parts: list[list[torch.Tensor]] = [[] for _ in layers or []]
+    value_parts: list[list[torch.Tensor]] = [[] for _ in layers or []]
+    for group in encoder_groups([len(s) for s in sequences]):
+        ids, mask = pad_batch(sequences[group], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (group, len, d_model)
+        extra = width - ids.size(1)
+        hidden_parts.append(F.pad(hidden, (0, 0, 0, extra)))
+        mask_parts.append(F.pad(mask, (0, extra)))
+        for index, layer in enumerate(layers or []):
+            # (group, len, heads * head_dim) -> (group, heads, width, head_dim), as T5Attention lays them out.
+            shape = (hidden.size(0), hidden.size(1), -1, layer.key_value_proj_dim)
+            key_parts[index].append(F.pad(layer.k(hidden).view(shape).transpose(1, 2), (0, 0, 0, extra)))
+            value_parts[index].append(F.pad(layer.v(hidden).view(shape).transpose(1, 2), (0, 0, 0, extra)))
+    keys = [torch.cat(parts) for parts in key_parts] if layers else None
+    values = [torch.cat(parts) for parts in value_parts] if layers else None
+    return EncodedBatch(torch.cat(hidden_parts), torch.cat(mask_parts), keys, values)
+
+
 def cut_at_eos(sequence: list[int], eos_id: int) -> list[int]:
     """Keep tokens up to and including the first EOS; a sequence without EOS is kept whole."""
     if eos_id in sequence:
@@ -55,16 +157,18 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 
 @torch.inference_mode()
 def decoder_hidden_for_labels(model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
-                              labels: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+                              labels: list[list[int]], pad_id: int, cache=None) -> list[torch.Tensor]:
     """Run the decoder on right-shifted ``labels`` and return the last hidden state per label position.
 
-    encoder_hidden: (batch, src_len, d_model). Returns one (len(labels[i]), d_model) tensor per row.
+    encoder_hidden: (batch, src_len, d_model). ``cache`` may carry precomputed cross-attention keys and values
+    (``EncodedBatch.cache``). Returns one (len(labels[i]), d_model) tensor per row.
     """
     label_ids, _ = pad_batch(labels, pad_id, multiple=1)
     label_ids = label_ids.to(encoder_hidden.device)
     decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=label_ids)
     out = model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden,
-                              encoder_attention_mask=attention_mask)
+                              encoder_attention_mask=attention_mask, past_key_values=cache,
+                              use_cache=cache is not None)
     hidden = out.last_hidden_state  # (batch, tgt_len, d_model)
     return [hidden[row, : len(labels[row])].float().cpu() for row in range(len(labels))]
 
@@ -75,30 +179,34 @@ def generate(model, input_ids: list[list[int]], *, pad_id: int, eos_id: int, max
              with_hidden: bool = False, description: str = "generating") -> Generated:
     """Generate answers in length-sorted batches, reusing each batch's encoder pass for the hidden states.
 
-    With ``with_hidden`` the decoder is run once more on the generated answer (teacher forcing, KV cache not
-    needed) to return the last decoder hidden state at each answer position, which is what training compares.
+    With ``with_hidden`` the decoder is run once more on the generated answer (teacher forcing, with the batch's
+    cross-attention keys and values reused) to return the last decoder hidden state at each answer position,
+    which is what training compares.
     """
+    from transformers.modeling_outputs import BaseModelOutput
+
     model.eval()
     token_ids: list[list[int] | None] = [None] * len(input_ids)
     hidden: list[torch.Tensor | None] = [None] * len(input_ids)
     batches = length_sorted_batches([len(ids) for ids in input_ids], batch_size)
     with tqdm(total=len(input_ids), desc=description, unit="ex", leave=False) as bar:
         for batch in batches:
-            ids, mask = pad_batch([input_ids[i] for i in batch], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
             with autocast(device, bf16):
-                encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=mask)
-                out = model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, do_sample=False,
+                encoded = encode_batch(model, [input_ids[i] for i in batch], pad_id, device)
+                cache = encoded.cache(model, repeat=num_beams)
+                out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.hidden),
+                                     attention_mask=encoded.attention_mask, do_sample=False,
                                      max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                     pad_token_id=pad_id, eos_token_id=eos_id)
+                                     pad_token_id=pad_id, eos_token_id=eos_id,
+                                     **({"past_key_values": cache} if cache is not None else {}))
                 answers = [cut_at_eos(row[1:].tolist(), eos_id) for row in out]
                 if max_label_length:
                     answers = [a[:max_label_length] for a in answers]
                 # A row whose first token is pad is an empty answer; keep EOS so labels are never empty.
                 answers = [a if a else [eos_id] for a in answers]
                 if with_hidden:
-                    states = decoder_hidden_for_labels(model, encoder_outputs.last_hidden_state, mask, answers,
-                                                       pad_id)
+                    states = decoder_hidden_for_labels(model, encoded.hidden, encoded.attention_mask, answers, pad_id,
+                                                       cache=encoded.cache(model))
             for position, index in enumerate(batch):
                 token_ids[index] = answers[position]
                 if with_hidden:
@@ -115,11 +223,10 @@ def hidden_for_labels(model, input_ids: list[list[int]], labels: list[list[int]]
     result: list[torch.Tensor | None] = [None] * len(input_ids)
     with tqdm(total=len(input_ids), desc=description, unit="ex", leave=False) as bar:
         for batch in length_sorted_batches([len(ids) for ids in input_ids], batch_size):
-            ids, mask = pad_batch([input_ids[i] for i in batch], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
             with autocast(device, bf16):
-                encoder_hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-                states = decoder_hidden_for_labels(model, encoder_hidden, mask, [labels[i] for i in batch], pad_id)
+                encoded = encode_batch(model, [input_ids[i] for i in batch], pad_id, device)
+                states = decoder_hidden_for_labels(model, encoded.hidden, encoded.attention_mask,
+                                                   [labels[i] for i in batch], pad_id, cache=encoded.cache(model))
             for position, index in enumerate(batch):
                 result[index] = states[position]
             bar.update(len(batch))

@@ -147,17 +147,22 @@ def _cached_sha256(path: Path) -> str:
 
 def load_seq2seq(value: str, role: str, trust_remote_code: bool = False):
     """Load an encoder-decoder model and describe it; weights that are random stand-ins are reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers import AutoModelForSeq2SeqLM
 
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(value, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001
-        raise ModelError(f"{role} {value!r} could not be loaded as a seq2seq model ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]})") from None
+    # Hashing the weight files releases the GIL, so it runs on another core while transformers loads the model.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(weights_digest, value)
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(value, trust_remote_code=trust_remote_code)
+        except Exception as err:  # noqa: BLE001
+            raise ModelError(f"{role} {value!r} could not be loaded as a seq2seq model ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]})") from None
     random_weights = is_random_stand_in(value)
     if random_weights:
         logger.warning("%s %s: %s", role, value, RANDOM_WEIGHTS_WARNING)
-    info = ModelInfo(value, count_parameters(model), random_weights, weights_digest(value))
+    info = ModelInfo(value, count_parameters(model), random_weights, digest.result())
     return model, info
 
 

@@ -86,6 +86,8 @@ def teacher_outputs(teacher, dataset, *, split: str, label_source: str, with_hid
         "generation": {"max_new_tokens": generation_cfg.max_new_tokens, "num_beams": generation_cfg.num_beams}
         if generate_answers else None,
         "max_label_length": max_label_length, "bf16": bf16, "cache_dtype": cache_dtype,
+        "teacher_dtype": str(next(teacher.parameters()).dtype),
+        "attention": getattr(teacher.config, "_attn_implementation", None),
     })
     folder = Path(cache_dir) / "teacher" / key
     with caching.locked(folder):

@@ -107,7 +107,20 @@ class _EpochSeededLengthSampler(torch.utils.data.Sampler):
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        # Megabatches of up to 50 batches are each sorted by length, so batches pad to little. transformers'
+        # default makes a megabatch a quarter of the batches (a single one below 8), leaving small sets unsorted.
+        order = get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=50, generator=generator)
+        return iter(_shuffle_batches(order, self.batch_size, generator))
+
+
+def _shuffle_batches(order: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """Shuffle whole batches of ``order``, except the first (the longest, so running out of memory happens early)
+    and a final partial batch (so every other batch stays whole)."""
+    batches = [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+    tail = [batches.pop()] if len(batches[-1]) < batch_size else []
+    middle = batches[1:]
+    shuffled = [middle[i] for i in torch.randperm(len(middle), generator=generator).tolist()]
+    return [index for batch in batches[:1] + shuffled + tail for index in batch]
 
 
 class DistillationTrainer(Trainer):
