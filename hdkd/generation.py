@@ -142,6 +142,28 @@ def encode_batch(model, sequences: list[list[int]], pad_id: int, device: torch.d
     return EncodedBatch(torch.cat(hidden_parts), torch.cat(mask_parts), keys, values)
 
 
+def answer_hidden_states(out, answers: list[list[int]]) -> list[torch.Tensor] | None:
+    """Gather each answer's last decoder hidden states from the decoding steps that produced its tokens.
+
+    Step t ran the decoder on the answer's first t tokens, which is what teacher forcing computes at position t.
+    ``out`` is generate()'s output with ``decoder_hidden_states``; under beam search ``out.beam_indices[i, t]`` is
+    the beam row that produced token t of answer i. Returns None when a position has no step (the caller then runs
+    the decoder on the answers instead).
+    """
+    steps = torch.stack([step[-1][:, -1] for step in out.decoder_hidden_states], dim=1)  # (rows, steps, d_model)
+    beam_indices = getattr(out, "beam_indices", None)
+    states = []
+    for row, answer in enumerate(answers):
+        if len(answer) > steps.size(1):
+            return None
+        positions = torch.arange(len(answer), device=steps.device)
+        rows = beam_indices[row, : len(answer)] if beam_indices is not None else torch.full_like(positions, row)
+        if bool((rows < 0).any()):
+            return None
+        states.append(steps[rows, positions].float().cpu())
+    return states
+
+
 def cut_at_eos(sequence: list[int], eos_id: int) -> list[int]:
     """Keep tokens up to and including the first EOS; a sequence without EOS is kept whole."""
     if eos_id in sequence:
@@ -177,11 +199,10 @@ def decoder_hidden_for_labels(model, encoder_hidden: torch.Tensor, attention_mas
 def generate(model, input_ids: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int, num_beams: int,
              batch_size: int, device: torch.device, bf16: bool, max_label_length: int | None = None,
              with_hidden: bool = False, description: str = "generating") -> Generated:
-    """Generate answers in length-sorted batches, reusing each batch's encoder pass for the hidden states.
+    """Generate answers in length-sorted batches.
 
-    With ``with_hidden`` the decoder is run once more on the generated answer (teacher forcing, with the batch's
-    cross-attention keys and values reused) to return the last decoder hidden state at each answer position,
-    which is what training compares.
+    With ``with_hidden`` it also returns the last decoder hidden state at each answer position, which is what
+    training compares, taken from the decoding steps themselves.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -197,16 +218,18 @@ def generate(model, input_ids: list[list[int]], *, pad_id: int, eos_id: int, max
                 out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.hidden),
                                      attention_mask=encoded.attention_mask, do_sample=False,
                                      max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                     pad_token_id=pad_id, eos_token_id=eos_id,
+                                     pad_token_id=pad_id, eos_token_id=eos_id, return_dict_in_generate=True,
+                                     output_hidden_states=with_hidden,
                                      **({"past_key_values": cache} if cache is not None else {}))
-                answers = [cut_at_eos(row[1:].tolist(), eos_id) for row in out]
+                answers = [cut_at_eos(row[1:].tolist(), eos_id) for row in out.sequences]
                 if max_label_length:
                     answers = [a[:max_label_length] for a in answers]
                 # A row whose first token is pad is an empty answer; keep EOS so labels are never empty.
                 answers = [a if a else [eos_id] for a in answers]
                 if with_hidden:
-                    states = decoder_hidden_for_labels(model, encoded.hidden, encoded.attention_mask, answers, pad_id,
-                                                       cache=encoded.cache(model))
+                    # The search already ran the decoder on every answer prefix; a teacher-forced pass is the fallback.
+                    states = answer_hidden_states(out, answers) or decoder_hidden_for_labels(
+                        model, encoded.hidden, encoded.attention_mask, answers, pad_id, cache=encoded.cache(model))
             for position, index in enumerate(batch):
                 token_ids[index] = answers[position]
                 if with_hidden:

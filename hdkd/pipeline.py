@@ -78,7 +78,7 @@ class TrainResult:
     predictions: dict[str, list]
     interrupted: int | None = None  # signal number when stopped by SIGINT/SIGTERM
     extra: dict[str, Any] = field(default_factory=dict)
-    # training (the optimizer loop without evaluations), evaluation (all of them), save_student
+    # training (the optimizer loop alone), evaluation (all of them), checkpoints (writing them), save_student
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -375,7 +375,8 @@ def train_and_evaluate(prepared: Prepared, cfg: Config, output_dir: Path, *, res
     with stopper:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
-    evaluation_in_loop = trainer.evaluation_seconds
+    # The optimizer loop alone: evaluations and checkpoint writes inside Trainer.train are phases of their own.
+    training_seconds = train_seconds - trainer.evaluation_seconds - trainer.checkpoint_seconds
 
     history = trainer.state.log_history
     if stopper.signum is not None:
@@ -391,8 +392,8 @@ def train_and_evaluate(prepared: Prepared, cfg: Config, output_dir: Path, *, res
     student_dir = output_dir / "student"
     save_started = time.perf_counter()
     _save_student(trainer, prepared, cfg, student_dir)
-    phase_seconds = {"training": train_seconds - evaluation_in_loop, "evaluation": trainer.evaluation_seconds,
-                     "save_student": time.perf_counter() - save_started}
+    phase_seconds = {"training": training_seconds, "evaluation": trainer.evaluation_seconds,
+                     "checkpoints": trainer.checkpoint_seconds, "save_student": time.perf_counter() - save_started}
     final = _final_values(history)
     examples = prepared.checked.validation.examples
     predictions = {

@@ -182,7 +182,8 @@ def _finish(cfg: Config, checked: Checked, prepared: Prepared, result: TrainResu
         "final": result.final,
         "train_seconds": result.train_seconds,
         "teacher_seconds": prepared.teacher_seconds,
-        # teacher_train, teacher_validation, training (without evaluations), evaluation, save_student
+        # teacher_train, teacher_validation, training (the optimizer loop alone), evaluation, checkpoints,
+        # save_student
         "phase_seconds": {**prepared.teacher_split_seconds, **result.phase_seconds},
         "teacher_generations": generations,
         "total_seconds": time.perf_counter() - started,

@@ -144,6 +144,7 @@ class DistillationTrainer(Trainer):
         self._window = torch.zeros(2, device=self.args.device)  # ce_loss, hidden_mse summed over logged steps
         self._window_start_step = 0
         self.evaluation_seconds = 0.0  # wall time spent in evaluate(), for the run's phase times
+        self.checkpoint_seconds = 0.0  # wall time spent writing checkpoints
         self.add_callback(_WindowStart(self))
 
     # --- Loss ---------------------------------------------------------------------------------------
@@ -207,6 +208,11 @@ class DistillationTrainer(Trainer):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return _EpochSeededLengthSampler(batch, self.train_lengths, seed)
         return super()._get_train_sampler(train_dataset)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        started = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        self.checkpoint_seconds += time.perf_counter() - started
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
