@@ -195,9 +195,33 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    Training and generation free and reallocate activations of a few MiB at every step. With glibc's defaults many
+    come back as fresh pages: a 1-thread run of the Flan-T5-sized benchmark took 1.45 million page faults and a
+    quarter of its CPU time in the kernel, and 0.8 million faults with these settings. Peak memory grows by the
+    reused blocks. The parameter numbers are glibc's; nothing is changed outside Linux.
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        # The process's own symbols include the C library's.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h> parameter numbers
+    mallopt(m_mmap_threshold, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap
+    mallopt(m_trim_threshold, 1 << 30)  # free heap memory is returned only beyond 1 GiB
+    mallopt(m_top_pad, 64 << 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    keep_freed_memory()
 
     # The training loop replaces this handler with one that saves a checkpoint first.
     in_main_thread = _main_thread()
