@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from hdkd import caching, runner, tracking
 from hdkd.config import Config, ConfigError
 from hdkd.pipeline import Checked, Prepared, check_inputs, prepare
+from hdkd.storage import check_optuna_storage
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def run_search(cfg: Config, force: bool = False) -> int:
     s = cfg.search
     _check_search_config(cfg)
     checked = check_inputs(cfg)
+    check_optuna_storage(s.storage)
     storage = _open_storage(s.storage)
     lock = StudyLock(s.storage, storage, s.study_name)
     study = _load_study(cfg, storage, lock)
