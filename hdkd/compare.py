@@ -15,6 +15,7 @@ import pandas as pd
 from hdkd import tracking
 
 DEFAULT_EXPERIMENT = "hdkd"
+MLFLOW_DEFAULT_EXPERIMENT = "Default"
 EXIT_BAD_INPUT = 2
 CHANCE_ACCURACY = 0.2  # five options per AQuA-RAT question
 
@@ -172,8 +173,14 @@ def run_compare(experiment: str | None, study: str | None, output: str | Path) -
 
     Returns 0, also when there is nothing to compare, and 2 for an experiment name the store does not contain.
     """
-    experiment = experiment or DEFAULT_EXPERIMENT
     tracking.open_store()
+    if experiment is None:
+        experiment = DEFAULT_EXPERIMENT
+        # `mlflow run` without --experiment-name puts runs in MLflow's "Default" experiment.
+        if experiment not in tracking.experiment_names() and MLFLOW_DEFAULT_EXPERIMENT in tracking.experiment_names():
+            print(f"experiment {experiment!r} not found; showing {MLFLOW_DEFAULT_EXPERIMENT!r}, where `mlflow run` "
+                  "puts runs unless given --experiment-name")
+            experiment = MLFLOW_DEFAULT_EXPERIMENT
     runs = tracking.search_runs(experiment, _study_filter(study) if study else "")
     if runs is None:
         known = ", ".join(tracking.experiment_names()) or "none"

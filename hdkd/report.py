@@ -94,7 +94,7 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         f"| final train/hidden_mse | {s['final'].get('hidden_mse', float('nan')):.4f} |",
         f"| final train/loss | {s['final'].get('loss', float('nan')):.4f} |",
         "",
-        f"Epochs {s['epochs']}, {s['steps']} optimizer steps, training time {s['train_seconds']:.1f} s, "
+        f"Epochs {s['epochs']}, {s['steps']} optimizer steps, training time {s['train_seconds']:.1f} s (evaluations included), "
         f"total time {s['total_seconds']:.1f} s.",
         "",
         "Plots: `plots/losses.png`, `plots/accuracy.png`. Per-question answers: `predictions.json`.",

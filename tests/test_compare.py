@@ -132,3 +132,15 @@ def test_compare_after_tiny_training_run(mlflow_store, tiny_config, capsys, tmp_
     assert row[6] == f"{metrics['eval/agreement']:.3f}"
     assert row[7] == f"{metrics['train/seconds']:.1f}"
     assert "* 1 of 1 run used random-weight stand-ins" in out
+
+
+def test_compare_falls_back_to_default_experiment(mlflow_store, capsys, tmp_path):
+    # `mlflow run` without --experiment-name logs to "Default"; no experiment is named "hdkd" here.
+    mlflow.set_experiment("Default")
+    _log_run("from-mlflow-run", 0.5, 3e-4, 0.40)
+    output = tmp_path / "comparison.png"
+    assert main(["compare", "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("experiment 'hdkd' not found; showing 'Default'")
+    assert lines[1] == "1 run in experiment 'Default', best student first:"
+    assert output.is_file()
