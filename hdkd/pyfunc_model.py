@@ -130,7 +130,15 @@ class StudentModel(PythonModel):
 
         folder = Path(context.artifacts["student"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+        # transformers 5 warns that an untied lm_head (as in Flan-T5) differs from the embeddings; that is expected.
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            self.model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         self.settings = read_settings(folder)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
