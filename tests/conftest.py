@@ -36,6 +36,14 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def set_args(values: dict) -> list[str]:
+    """Turn dotted config values into ``--set key=value`` command-line arguments."""
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

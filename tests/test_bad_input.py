@@ -19,14 +19,7 @@ from hdkd.cli import main
 from hdkd.config import ConfigError, DataConfig
 from hdkd.data import Example, SplitData, load_split, take_portion
 from hdkd.storage import check_optuna_storage
-from tests.conftest import REPO, make_rows, write_rows
-
-
-def _overrides(values: dict) -> list[str]:
-    args = []
-    for key, value in values.items():
-        args += ["--set", f"{key}={value}"]
-    return args
+from tests.conftest import REPO, make_rows, set_args, write_rows
 
 
 @pytest.fixture()
@@ -44,7 +37,7 @@ def _assert_nothing_written(workdir: Path) -> None:
 def _train_error(capsys, caplog, workdir: Path, values: dict, *args: str) -> str:
     """Run `train` on bad input and return its one error line after checking the rules every case shares."""
     caplog.set_level(logging.WARNING)
-    code = main(["train", *args, *_overrides(values)])
+    code = main(["train", *args, *set_args(values)])
     out, err = capsys.readouterr()
     lines = err.splitlines()
     assert code == 2
@@ -305,7 +298,7 @@ def test_existing_store_gets_no_new_run(capsys, workdir, tiny_config, mlflow_sto
     experiment = client.create_experiment("hdkd-test")
     done = client.create_run(experiment)
     client.set_terminated(done.info.run_id, "FINISHED")
-    assert main(["train", *_overrides({**tiny_config, "distill.hidden_weight": 7})]) == 2
+    assert main(["train", *set_args({**tiny_config, "distill.hidden_weight": 7})]) == 2
     assert "distill.hidden_weight=7.0 is invalid" in capsys.readouterr().err
     runs = client.search_runs([experiment])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(done.info.run_id, "FINISHED")]
@@ -317,7 +310,7 @@ def test_search_storage_cannot_be_opened(capsys, workdir, tiny_config):
     blocker = workdir / "inputs" / "file"
     blocker.write_text("", encoding="utf-8")
     storage = f"sqlite:///{blocker}/optuna.db"
-    code = main(["search", "--storage", storage, *_overrides({**tiny_config, "search.n_trials": 1})])
+    code = main(["search", "--storage", storage, *set_args({**tiny_config, "search.n_trials": 1})])
     out, err = capsys.readouterr()
     assert code == 2
     assert len(err.splitlines()) == 1, err
@@ -394,15 +387,15 @@ def test_subprocess_one_stderr_line(workdir, tiny_config, case):
     if case == "config":
         path = workdir / "inputs" / "run.yaml"
         path.write_text("training:\n  lerning_rate: 1e-4\n  warmup_steps: ten\n", encoding="utf-8")
-        args = ["train", "--config", str(path), *_overrides(values)]
+        args = ["train", "--config", str(path), *set_args(values)]
         expected = ["unknown key 'training.lerning_rate' (did you mean 'training.learning_rate'?)",
                     "training.warmup_steps='ten' has the wrong type; expected int"]
     elif case == "hub":
-        args = ["train", *_overrides({**values, "student": "google/flan-t5-small"})]
+        args = ["train", *set_args({**values, "student": "google/flan-t5-small"})]
         expected = ["student 'google/flan-t5-small' is neither an existing local directory nor a reachable hub model"]
     else:
         env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{_closed_port()}"
-        args = ["train", *_overrides(values)]
+        args = ["train", *set_args(values)]
         expected = ["MLflow tracking URI 'http://127.0.0.1:", "cannot be opened"]
     result = _hdkd(args, workdir, env)
     assert result.returncode == 2, result.stderr
@@ -416,5 +409,5 @@ def test_subprocess_one_stderr_line(workdir, tiny_config, case):
 
 def test_debug_shows_the_exception(workdir, tiny_config):
     with pytest.raises(ConfigError, match="distill.hidden_weight=-1.0 is invalid"):
-        main(["--debug", "train", *_overrides({**tiny_config, "distill.hidden_weight": -1})])
+        main(["--debug", "train", *set_args({**tiny_config, "distill.hidden_weight": -1})])
     _assert_nothing_written(workdir)

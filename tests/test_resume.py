@@ -20,18 +20,11 @@ from mlflow.tracking import MlflowClient
 
 from hdkd.cli import main
 from hdkd.pipeline import latest_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, set_args
 
 # Final metrics of a resumed run must match an uninterrupted run this closely. On a CPU the tiny models give
 # bit-identical results; the margin covers a different summation order, not a different training.
 TOLERANCE = 1e-5
-
-
-def _overrides(values: dict) -> list[str]:
-    args = []
-    for key, value in values.items():
-        args += ["--set", f"{key}={value}"]
-    return args
 
 
 @pytest.fixture()
@@ -44,7 +37,7 @@ def resume_config(tiny_config) -> dict:
 def _start(values: dict, cwd: Path) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(cwd / f"train-{time.monotonic_ns()}.log", "w", encoding="utf-8")
-    return subprocess.Popen([sys.executable, "-m", "hdkd", "train", *_overrides(values)], cwd=cwd, env=environment,
+    return subprocess.Popen([sys.executable, "-m", "hdkd", "train", *set_args(values)], cwd=cwd, env=environment,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -74,7 +67,7 @@ def _checkpoint_steps(output_dir: Path) -> list[int]:
 def test_sigkill_then_same_command_resumes(mlflow_store, resume_config, tmp_path):
     # The same training without interruption, for the final values.
     reference = {**resume_config, "output_dir": tmp_path / "reference", "tracking.experiment_name": "reference"}
-    assert main(["train", *_overrides(reference)]) == 0
+    assert main(["train", *set_args(reference)]) == 0
     expected = _only_run("reference")
 
     # Kill -9 after the second checkpoint, in the second epoch: no handler runs, the MLflow run is left RUNNING.
@@ -129,7 +122,7 @@ def test_sigterm_checkpoints_and_ends_killed(mlflow_store, resume_config, tmp_pa
     assert 4 <= last_step < 12
 
     # Started again, the KILLED run continues and finishes, its error tag gone.
-    assert main(["train", *_overrides(resume_config)]) == 0
+    assert main(["train", *set_args(resume_config)]) == 0
     resumed = _only_run("hdkd-test")
     assert resumed.info.run_id == run.info.run_id
     assert resumed.info.status == "FINISHED"
@@ -181,7 +174,7 @@ def test_non_finite_loss_fails_run(mlflow_store, tiny_config, capsys):
     # A learning rate of 1e30 sends the weights to infinity after the first update.
     values = {**tiny_config, "training.learning_rate": 1e30, "training.max_grad_norm": 0,
               "tracking.log_model": False}
-    assert main(["train", *_overrides(values)]) == 1
+    assert main(["train", *set_args(values)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     # Progress output comes first; the error is the last line.
@@ -204,7 +197,7 @@ def test_exception_fails_run_with_tag(mlflow_store, tiny_config, monkeypatch):
 
     monkeypatch.setattr(runner, "prepare", broken_prepare)
     with pytest.raises(RuntimeError, match="teacher cache folder is read-only"):
-        main(["train", *_overrides(tiny_config)])
+        main(["train", *set_args(tiny_config)])
     run = _only_run("hdkd-test")
     assert run.info.status == "FAILED"
     assert run.data.tags["hdkd.error"] == "RuntimeError: teacher cache folder is read-only"
@@ -221,7 +214,7 @@ def test_sigterm_before_training_ends_killed(mlflow_store, tiny_config, monkeypa
 
     monkeypatch.setattr(runner, "prepare", prepare_then_terminated)
     previous = signal.getsignal(signal.SIGTERM)
-    assert main(["train", *_overrides(tiny_config)]) == 128 + signal.SIGTERM
+    assert main(["train", *set_args(tiny_config)]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.splitlines()[-1] == "hdkd: interrupted by SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is previous
     run = _only_run("hdkd-test")

@@ -18,16 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from hdkd import search, teacher
 from hdkd.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, set_args
 
 TRIAL_TAGS = ("hdkd.study", "hdkd.trial", "mlflow.parentRunId", "mlflow.runName")
-
-
-def _overrides(values: dict) -> list[str]:
-    args = []
-    for key, value in values.items():
-        args += ["--set", f"{key}={value}"]
-    return args
 
 
 @pytest.fixture()
@@ -65,7 +58,7 @@ def test_search_three_trials_nested_runs(mlflow_store, search_config, monkeypatc
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     generations = teacher.counter.generations
 
-    assert main(["search", *_overrides({**search_config, "search.n_trials": 3})]) == 0
+    assert main(["search", *set_args({**search_config, "search.n_trials": 3})]) == 0
 
     parents, children = _runs("hdkd-test")
     assert [p.info.run_id for p in parents] == [outer.info.run_id]
@@ -152,7 +145,7 @@ def test_search_failed_trial_then_resume(mlflow_store, search_config):
     study.enqueue_trial({"hidden_weight": 0.5, "learning_rate": 1e30})
     generations = teacher.counter.generations
 
-    assert main(["search", *_overrides({**search_config, "search.n_trials": 2})]) == 0
+    assert main(["search", *set_args({**search_config, "search.n_trials": 2})]) == 0
 
     study = _study(search_config)
     states = [t.state for t in study.get_trials()]
@@ -170,7 +163,7 @@ def test_search_failed_trial_then_resume(mlflow_store, search_config):
     assert first_version.run_id == study.trials[1].user_attrs["mlflow_run_id"]
 
     # Resume: n_trials is the total for the study, and the teacher's outputs come from the cache.
-    assert main(["search", *_overrides({**search_config, "search.n_trials": 4})]) == 0
+    assert main(["search", *set_args({**search_config, "search.n_trials": 4})]) == 0
 
     study = _study(search_config)
     assert [t.number for t in study.get_trials()] == [0, 1, 2, 3]
@@ -196,7 +189,7 @@ def test_search_failed_trial_then_resume(mlflow_store, search_config):
 
     # A third call has nothing left to run and registers nothing new.
     versions = len(MlflowClient().search_model_versions("name = 'hdkd-student'"))
-    assert main(["search", *_overrides({**search_config, "search.n_trials": 4})]) == 0
+    assert main(["search", *set_args({**search_config, "search.n_trials": 4})]) == 0
     assert len(_study(search_config).get_trials()) == 4
     assert len(MlflowClient().search_model_versions("name = 'hdkd-student'")) == versions
 
@@ -213,7 +206,7 @@ def test_search_prunes_worse_trial(mlflow_store, search_config):
     study.enqueue_trial({"hidden_weight": 0.0, "learning_rate": 1e-3})
     study.enqueue_trial({"hidden_weight": 0.0, "learning_rate": 1e-5})
 
-    assert main(["search", *_overrides(values)]) == 0
+    assert main(["search", *set_args(values)]) == 0
 
     trials = _study(values).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
@@ -280,7 +273,7 @@ def _start_worker(values: dict, log_path) -> subprocess.Popen:
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     handle = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "hdkd", "search", *_overrides(values)], stdout=handle,
+    return subprocess.Popen([sys.executable, "-m", "hdkd", "search", *set_args(values)], stdout=handle,
                             stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
 
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hdkd.cli import main
-from tests.conftest import shared_data_or_skip
+from tests.conftest import set_args, shared_data_or_skip
 
 
 def _only_run(experiment: str):
@@ -18,15 +18,8 @@ def _only_run(experiment: str):
     return runs[0]
 
 
-def _overrides(values: dict) -> list[str]:
-    args = []
-    for key, value in values.items():
-        args += ["--set", f"{key}={value}"]
-    return args
-
-
 def test_train_tiny_run_contents(mlflow_store, tiny_config, tmp_path):
-    assert main(["train", *_overrides(tiny_config)]) == 0
+    assert main(["train", *set_args(tiny_config)]) == 0
 
     run = _only_run("hdkd-test")
     client = MlflowClient()
@@ -86,7 +79,7 @@ def test_train_tiny_run_contents(mlflow_store, tiny_config, tmp_path):
 def test_train_gold_labels_and_accumulation(mlflow_store, tiny_config):
     values = {**tiny_config, "distill.label_source": "gold", "training.gradient_accumulation_steps": 2,
               "training.num_train_epochs": 1, "tracking.log_model": False}
-    assert main(["train", *_overrides(values)]) == 0
+    assert main(["train", *set_args(values)]) == 0
     run = _only_run("hdkd-test")
     history = MlflowClient().get_metric_history(run.info.run_id, "train/ce_loss")
     # 24 rows, micro-batch 4, 2 micro-batches per step: 3 steps.
@@ -114,7 +107,7 @@ def test_train_real_aqua_files(mlflow_store, tiny_models, tmp_path):
         "training.logging_steps": 1, "training.bf16": False, "tracking.experiment_name": "hdkd-test",
         "output_dir": tmp_path / "out", "cache_dir": tmp_path / "cache", "tracking.log_model": False,
     }
-    assert main(["train", *_overrides(values)]) == 0
+    assert main(["train", *set_args(values)]) == 0
     run = _only_run("hdkd-test")
     # 254 rows: round(0.05 * 254) = 13 for training; validation takes its minimum of 32.
     assert run.data.params["data.train_examples"] == "13"
@@ -128,9 +121,9 @@ def test_accumulation_matches_large_batch(mlflow_store, tiny_config):
     """4 x 2 accumulated micro-batches log the same step-1 losses as one batch of 8 (token means per step)."""
     common = {**tiny_config, "training.num_train_epochs": 1, "training.group_by_length": False,
               "tracking.log_model": False, "training.max_grad_norm": 0.0}
-    assert main(["train", *_overrides({**common, "training.per_device_train_batch_size": 8,
+    assert main(["train", *set_args({**common, "training.per_device_train_batch_size": 8,
                                        "tracking.run_name": "large"})]) == 0
-    assert main(["train", *_overrides({**common, "training.per_device_train_batch_size": 4,
+    assert main(["train", *set_args({**common, "training.per_device_train_batch_size": 4,
                                        "training.gradient_accumulation_steps": 2,
                                        "output_dir": common["output_dir"] + "-accumulated",
                                        "tracking.run_name": "accumulated"})]) == 0
