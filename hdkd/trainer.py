@@ -214,6 +214,13 @@ class DistillationTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         self.checkpoint_seconds += time.perf_counter() - started
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Training never continues from a checkpoint of the last step (a resumed run only evaluates and logs), so
+        # its optimizer state, twice the model's size for AdamW, is not written.
+        if self.state.global_step >= self.state.max_steps:
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir

@@ -163,7 +163,8 @@ def test_batched_generation_matches_single(tiny_models, num_beams, monkeypatch):
 def test_report_has_phase_times(mlflow_store, tiny_config):
     from hdkd.runner import run_training
 
-    cfg = load_config(None, {**tiny_config, "training.num_train_epochs": 1, "tracking.log_model": False})
+    cfg = load_config(None, {**tiny_config, "training.num_train_epochs": 1, "training.save_steps": 4,
+                             "tracking.log_model": False})
     outcome = run_training(cfg)
     report = json.loads((Path(cfg.output_dir) / "report.json").read_text(encoding="utf-8"))
     phases = report["phase_seconds"]
@@ -176,3 +177,12 @@ def test_report_has_phase_times(mlflow_store, tiny_config):
     inside = phases["training"] + phases["evaluation"] + phases["checkpoints"]
     assert inside == pytest.approx(outcome.result.train_seconds)
     assert phases["training"] < outcome.result.train_seconds
+
+    # 6 steps, a checkpoint every 4: the one of the last step has no optimizer state, since nothing resumes
+    # training from it.
+    output_dir = Path(cfg.output_dir)
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (output_dir / "checkpoint-4" / "optimizer.pt").is_file()
+    assert not (output_dir / "checkpoint-6" / "optimizer.pt").exists()
+    assert (output_dir / "checkpoint-6" / "model.safetensors").is_file()
+    assert (output_dir / "checkpoint-6" / "trainer_state.json").is_file()
