@@ -8,6 +8,7 @@ logged model. It takes the same ``--set KEY=VALUE`` overrides as ``hdkd train``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ STARTED = time.perf_counter()
 
 from transformers import TrainerCallback  # noqa: E402 - the import time above is part of what is measured
 
-from hdkd.cli import keep_freed_memory  # noqa: E402
+from hdkd.cli import freeze_at_exit, keep_freed_memory  # noqa: E402
 from hdkd.config import load_config  # noqa: E402
 from hdkd.pipeline import check_inputs, prepare, train_and_evaluate  # noqa: E402
 
@@ -43,10 +44,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    keep_freed_memory()  # as python -m hdkd does
+    keep_freed_memory()  # the process settings of python -m hdkd train
 
     cfg = load_config(None, args.overrides)
     checked = check_inputs(cfg)
+    gc.freeze()
     prepared = prepare(checked)
     shapes = BatchShapes()
     result = train_and_evaluate(prepared, cfg, Path(cfg.output_dir), callbacks=[shapes])
@@ -59,6 +61,7 @@ def main() -> None:
         "train_batch_shapes": shapes.shapes,
         "total_seconds": time.perf_counter() - STARTED,
     }))
+    freeze_at_exit()
 
 
 if __name__ == "__main__":
