@@ -202,6 +202,19 @@ class DistillationTrainer(Trainer):
             optimizer.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
         return optimizer
 
+    def _trained_parameters(self, model) -> list[torch.nn.Parameter]:
+        return [*model.parameters(), *self.projection.parameters()]
+
+    # Trainer clips and measures only the model's gradients. The projection is trained with the student, so
+    # clipping and the logged grad_norm cover both as one parameter set.
+    def _clip_grad_norm(self, model):
+        return self.accelerator.clip_grad_norm_(self._trained_parameters(model), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # clipping is off (max_grad_norm 0), so only measure the norm
+            grad_norm = self.accelerator.clip_grad_norm_(self._trained_parameters(model), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length" and self.train_lengths is not None:
             batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
