@@ -230,7 +230,11 @@ def log_dataset(split: str, source: str, ids: list[str], digest: str, portion: f
 
 
 def log_student_model(student_dir: str | Path, input_example: list[str], name: str = "student"):
-    """Log the student as a pyfunc model defined from code (hdkd/pyfunc_model.py), hdkd in its requirements."""
+    """Log the student as a pyfunc model defined from code (hdkd/pyfunc_model.py).
+
+    The model bundles the hdkd package through ``code_paths``, so its requirements list only hdkd's runtime
+    dependencies, which an environment manager can install from a package index.
+    """
     from hdkd.pyfunc_model import student_signature
 
     package_dir = Path(__file__).resolve().parent
@@ -240,7 +244,7 @@ def log_student_model(student_dir: str | Path, input_example: list[str], name: s
         python_model=str(package_dir / "pyfunc_model.py"),
         artifacts={"student": str(student_dir)},
         code_paths=[str(package_dir)],
-        pip_requirements=[f"hdkd=={__version__}", *_runtime_requirements()],
+        pip_requirements=_runtime_requirements(),
         signature=signature,
         input_example=input_example,
     )
@@ -250,7 +254,7 @@ def _runtime_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     requirements = []
-    for package in ("torch", "transformers", "sentencepiece", "safetensors", "mlflow", "pandas"):
+    for package in ("torch", "transformers", "sentencepiece", "safetensors", "mlflow", "pandas", "PyYAML"):
         try:
             requirements.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:

@@ -87,7 +87,8 @@ def test_student_model_predict_and_serve(mlflow_store, tiny_config, tmp_path):
     client = MlflowClient()
 
     # The MLmodel: no input schema (see hdkd/pyfunc_model.py), answer/letter outputs, params with the
-    # training-time generation settings as defaults, a saved input example, hdkd in the requirements.
+    # training-time generation settings as defaults, a saved input example, and the hdkd code bundled with
+    # only its dependencies as requirements.
     info = mlflow.models.get_model_info(model.model_uri)
     assert info.signature.inputs is None
     assert info.signature.outputs.input_names() == ["answer", "letter"]
@@ -96,7 +97,10 @@ def test_student_model_predict_and_serve(mlflow_store, tiny_config, tmp_path):
     assert info.saved_input_example_info["type"] == "json_object"
     local_model = Path(mlflow.artifacts.download_artifacts(model.model_uri, dst_path=str(tmp_path / "model")))
     requirements = (local_model / "requirements.txt").read_text().split()
-    assert "hdkd==0.1.0" in requirements
+    names = {line.split("==")[0] for line in requirements}
+    assert {"torch", "transformers", "safetensors", "mlflow", "pandas", "PyYAML"} <= names
+    assert not any(line.startswith("hdkd") for line in requirements)
+    assert (local_model / "code" / "hdkd" / "pyfunc_model.py").is_file()
     example = json.loads((local_model / "input_example.json").read_text())
     assert example[0].startswith("Question: ")
 
