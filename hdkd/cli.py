@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     compare = commands.add_parser("compare", help="table and plot of teacher vs student accuracy across runs")
-    compare.add_argument("--experiment", default=None, help="experiment name (default: hdkd)")
+    compare.add_argument("--experiment", default=None, help="experiment name (default: both hdkd and Default, where `mlflow run` logs)")
     compare.add_argument("--study", default=None, help="only the trials of this Optuna study")
     compare.add_argument("--output", default="comparison.png", help="PNG file to write (default comparison.png)")
     compare.set_defaults(func=cmd_compare)

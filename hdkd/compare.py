@@ -33,6 +33,7 @@ SOURCE_COLUMNS = {
     "random_weights": "tags.hdkd.random_weights",
     "study": "tags.hdkd.study",
     "role": "tags.hdkd.role",
+    "experiment": "experiment",  # added by run_compare, which may search more than one experiment
 }
 NUMERIC_COLUMNS = ("hidden_weight", "learning_rate", "teacher_accuracy", "student_accuracy", "agreement",
                    "train_seconds")
@@ -68,13 +69,15 @@ def _number(value: float, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def format_table(summary: pd.DataFrame) -> str:
+def format_table(summary: pd.DataFrame, show_experiment: bool = False) -> str:
     """Render the summary as a fixed-width text table, with ``*`` after each run that used random weights."""
     headers = ["run", "hidden_weight", "learning_rate", "teacher_acc", "student_acc", "agreement", "train_time",
                "status"]
+    if show_experiment:
+        headers.append("experiment")
     rows = []
     for run in summary.itertuples(index=False):
-        rows.append([
+        row = [
             f"{run.run_name}{' *' if run.random_weights else ''}",
             _number(run.hidden_weight, ".3f"),
             _number(run.learning_rate, ".2e"),
@@ -83,7 +86,10 @@ def format_table(summary: pd.DataFrame) -> str:
             _number(run.agreement, ".3f"),
             _number(run.train_seconds, ".1f") + (" s" if not math.isnan(run.train_seconds) else ""),
             str(run.status),
-        ])
+        ]
+        if show_experiment:
+            row.append(str(run.experiment))
+        rows.append(row)
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
     lines = []
     for cells in [headers, ["-" * width for width in widths], *rows]:
@@ -168,34 +174,54 @@ def _count(number: int, noun: str = "run") -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
+def _scope(experiments: list[str], study: str | None) -> str:
+    names = " and ".join(repr(name) for name in experiments)
+    where = f"experiment {names}" if len(experiments) == 1 else f"experiments {names}"
+    return f"study {study!r} in {where}" if study else where
+
+
 def run_compare(experiment: str | None, study: str | None, output: str | Path) -> int:
     """Print the run table for an experiment (optionally one study) and write the comparison PNG.
 
-    Returns 0, also when there is nothing to compare, and 2 for an experiment name the store does not contain.
+    Without ``experiment`` the table covers both ``hdkd``, where ``python -m hdkd`` logs, and MLflow's
+    ``Default``, where ``mlflow run`` logs unless given ``--experiment-name``. Returns 0, also when there is
+    nothing to compare, and 2 for an experiment name the store does not contain.
     """
     tracking.open_store()
+    known = tracking.experiment_names()
     if experiment is None:
-        experiment = DEFAULT_EXPERIMENT
-        # `mlflow run` without --experiment-name puts runs in MLflow's "Default" experiment.
-        if experiment not in tracking.experiment_names() and MLFLOW_DEFAULT_EXPERIMENT in tracking.experiment_names():
-            print(f"experiment {experiment!r} not found; showing {MLFLOW_DEFAULT_EXPERIMENT!r}, where `mlflow run` "
-                  "puts runs unless given --experiment-name")
-            experiment = MLFLOW_DEFAULT_EXPERIMENT
-    runs = tracking.search_runs(experiment, _study_filter(study) if study else "")
-    if runs is None:
-        known = ", ".join(tracking.experiment_names()) or "none"
-        print(f"hdkd: error: experiment {experiment!r} not found in {tracking.mask_secrets(tracking.tracking_uri())}"
-              f" (experiments: {known}); pass --experiment NAME", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        experiments = [name for name in (DEFAULT_EXPERIMENT, MLFLOW_DEFAULT_EXPERIMENT) if name in known]
+        experiments = experiments or [DEFAULT_EXPERIMENT]
+    else:
+        experiments = [experiment]
 
-    scope = f"study {study!r} in experiment {experiment!r}" if study else f"experiment {experiment!r}"
+    frames = {}
+    for name in experiments:
+        runs = tracking.search_runs(name, _study_filter(study) if study else "")
+        if runs is None:
+            print(f"hdkd: error: experiment {name!r} not found in {tracking.mask_secrets(tracking.tracking_uri())}"
+                  f" (experiments: {', '.join(known) or 'none'}); pass --experiment NAME", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        frames[name] = runs.assign(experiment=name)
+    if len(frames) > 1 and frames[MLFLOW_DEFAULT_EXPERIMENT].empty:
+        del frames[MLFLOW_DEFAULT_EXPERIMENT]  # MLflow creates "Default" in every store, so an empty one is left out
+    experiments = list(frames)
+    runs = pd.concat(frames.values(), ignore_index=True)
+
+    scope = _scope(experiments, study)
     summary = summarise_runs(runs)
     if summary.empty:
         print(f"no runs found in {scope}" + (f" ({len(runs)} without eval/student_accuracy)" if len(runs) else ""))
+        if study:
+            found = tracking.experiments_with_runs(_study_filter(study))
+            elsewhere = [name for name in found if name not in experiments]
+            if elsewhere:
+                print(f"study {study!r} has runs in experiment {' and '.join(map(repr, elsewhere))}; pass "
+                      f"--experiment {elsewhere[0]}")
         return 0
 
     print(f"{_count(len(summary))} in {scope}, best student first:")
-    print(format_table(summary))
+    print(format_table(summary, show_experiment=summary["experiment"].nunique() > 1))
     left_out = len(runs) - len(summary)
     if left_out:
         print(f"{_count(left_out)} without eval/student_accuracy (study parents, failed, killed or running) not "

@@ -287,6 +287,13 @@ def search_runs(experiment_name: str, filter_string: str = ""):
     return mlflow.search_runs(experiment_ids=[experiment.experiment_id], filter_string=filter_string)
 
 
+def experiments_with_runs(filter_string: str) -> list[str]:
+    """Return the names of the active experiments that contain runs matching ``filter_string``."""
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
+    ids = {run.info.experiment_id for run in runs}
+    return sorted(mlflow.get_experiment(experiment_id).name for experiment_id in ids)
+
+
 def artifact_uri(run_id: str) -> str:
     """Return where the run's artifacts are stored (a local path for the default sqlite store)."""
     return MlflowClient().get_run(run_id).info.artifact_uri

@@ -134,13 +134,42 @@ def test_compare_after_tiny_training_run(mlflow_store, tiny_config, capsys, tmp_
     assert "* 1 of 1 run used random-weight stand-ins" in out
 
 
-def test_compare_falls_back_to_default_experiment(mlflow_store, capsys, tmp_path):
+def test_compare_default_experiment_only(mlflow_store, capsys, tmp_path):
     # `mlflow run` without --experiment-name logs to "Default"; no experiment is named "hdkd" here.
     mlflow.set_experiment("Default")
     _log_run("from-mlflow-run", 0.5, 3e-4, 0.40)
     output = tmp_path / "comparison.png"
     assert main(["compare", "--output", str(output)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("experiment 'hdkd' not found; showing 'Default'")
-    assert lines[1] == "1 run in experiment 'Default', best student first:"
+    assert lines[0] == "1 run in experiment 'Default', best student first:"
+    assert "experiment" not in lines[1].split()
+    assert lines[3].split()[0] == "from-mlflow-run"
     assert output.is_file()
+
+
+def test_compare_covers_hdkd_and_default(mlflow_store, capsys, tmp_path):
+    mlflow.set_experiment("Default")
+    _log_run("from-mlflow-run", 0.5, 3e-4, 0.40)
+    mlflow.set_experiment("hdkd")
+    _log_run("from-hdkd-train", 0.3, 1e-4, 0.55)
+    assert main(["compare", "--output", str(tmp_path / "both.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "2 runs in experiments 'hdkd' and 'Default', best student first:"
+    assert lines[1].split()[-1] == "experiment"
+    assert lines[3].split()[0] == "from-hdkd-train"
+    assert lines[3].split()[-1] == "hdkd"
+    assert lines[4].split()[0] == "from-mlflow-run"
+    assert lines[4].split()[-1] == "Default"
+
+    # An explicit --experiment keeps to that one experiment.
+    assert main(["compare", "--experiment", "Default", "--output", str(tmp_path / "one.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "1 run in experiment 'Default', best student first:"
+
+
+def test_compare_names_experiment_of_study(runs_store, capsys, tmp_path):
+    output = tmp_path / "study.png"
+    assert main(["compare", "--study", "s1", "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == ["no runs found in study 's1' in experiment 'hdkd'",
+                     "study 's1' has runs in experiment 'studies'; pass --experiment studies"]
+    assert not output.exists()
