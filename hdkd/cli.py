@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     compare = commands.add_parser("compare", help="table and plot of teacher vs student accuracy across runs")
-    compare.add_argument("--experiment", default=None, help="experiment name (default: both hdkd and Default, where `mlflow run` logs)")
+    compare.add_argument("--experiment", default=None,
+                         help="experiment name (default: both hdkd and Default, where `mlflow run` logs)")
     compare.add_argument("--study", default=None, help="only the trials of this Optuna study")
     compare.add_argument("--output", default="comparison.png", help="PNG file to write (default comparison.png)")
     compare.set_defaults(func=cmd_compare)
@@ -251,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(err).replace("\n", " ")
         print(f"hdkd: error: {message}", file=sys.stderr)
+        if args.func in (cmd_train, cmd_search) and os.environ.get("MLFLOW_RUN_ID"):
+            from hdkd import tracking
+
+            tracking.tag_project_run(f"{type(err).__name__}: {message}")
         return EXIT_BAD_INPUT
     except FloatingPointError as err:  # hdkd.trainer.NonFiniteLossError: names the step and the loss term
         if args.debug:

@@ -105,7 +105,8 @@ class TrainingConfig:
     weight_decay: float = _field(0.0, "AdamW weight decay.")
     warmup_steps: int = _field(0, "Linear warm-up length in steps.")
     lr_scheduler_type: str = _field("linear", "transformers learning-rate schedule name.")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm over the student and the projection together; 0 turns clipping off.")
+    max_grad_norm: float = _field(
+        1.0, "Gradient clipping norm over the student and the projection together; 0 turns clipping off.")
     logging_steps: int = _field(10, "Log train/* metrics every this many steps.")
     eval_steps: int | None = _field(None, "Evaluate every this many steps; null evaluates at the end of each epoch.")
     save_steps: int = _field(500, "Write a resumable checkpoint every this many steps.")

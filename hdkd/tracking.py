@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import Metric, RunStatus
@@ -124,6 +125,38 @@ def end_run(status: str, error: BaseException | None = None) -> None:
         message = mask_secrets(f"{type(error).__name__}: {error}")[:4900]
         mlflow.set_tag("hdkd.error", message)
     mlflow.end_run(status=status)
+
+
+def _store_exists(uri: str) -> bool:
+    """Tell whether a local store (a sqlite file or a folder) is already there; a server counts as there."""
+    if uri.startswith("sqlite:"):
+        # SQLAlchemy reads sqlite:///relative.db and sqlite:////absolute.db as files, and a bare sqlite:// as memory.
+        return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///").split("?")[0]).exists()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path).exists()
+    return True
+
+
+def tag_project_run(message: str) -> bool:
+    """Set the hdkd.error tag on the run that ``mlflow run`` created (MLFLOW_RUN_ID) before hdkd started.
+
+    Bad input stops hdkd before it opens a run, so without the tag that run would end FAILED with no reason in
+    MLflow. Returns whether the tag was set. A store or run that cannot take it is logged at debug level only,
+    because the error line is all that bad input prints.
+    """
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    uri = tracking_uri()
+    if not run_id or not _store_exists(uri):
+        return False
+    try:
+        with _environment(_STORE_CHECK_ENV):
+            MlflowClient(uri).set_tag(run_id, "hdkd.error", mask_secrets(message)[:4900])
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store or run
+        logger.debug("MLflow run %s not tagged with the error: %s: %s", run_id, type(err).__name__,
+                     mask_secrets(str(err))[:300])
+        return False
+    return True
 
 
 def run_status(run_id: str) -> str | None:

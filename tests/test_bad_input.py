@@ -306,6 +306,41 @@ def test_existing_store_gets_no_new_run(capsys, workdir, tiny_config, mlflow_sto
     assert not (workdir / "cache").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_mlflow_run_gets_error_tag(capsys, workdir, tiny_config, mlflow_store, monkeypatch, command):
+    # Under `mlflow run`, MLflow creates the run and passes its id, and bad input still prints one line.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("projects")
+    created = client.create_run(experiment)
+    monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
+    capsys.readouterr()
+    assert main([command, *set_args({**tiny_config, "data.portion": 2})]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["hdkd: error: invalid configuration: data.portion=2.0 is invalid; expected a number in (0, 1]"]
+    run = client.get_run(created.info.run_id)
+    assert run.data.tags["hdkd.error"] == "ConfigError: " + lines[0].removeprefix("hdkd: error: ")
+    assert run.info.status == "RUNNING"  # `mlflow run` ends it FAILED when hdkd exits
+    assert not (workdir / "outputs").exists()
+
+
+def test_unknown_run_id_one_line(capsys, workdir, tiny_config, mlflow_store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
+    # No store yet: none is created just to tag a run.
+    assert main(["train", *set_args({**tiny_config, "data.portion": 2})]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    _assert_nothing_written(workdir)
+
+    # A store without that run: the tag cannot be set, and the output stays one line.
+    MlflowClient(mlflow_store).create_experiment("projects")
+    capsys.readouterr()
+    assert main(["train", *set_args({**tiny_config, "data.portion": 2})]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
 def test_search_storage_cannot_be_opened(capsys, workdir, tiny_config):
     blocker = workdir / "inputs" / "file"
     blocker.write_text("", encoding="utf-8")
