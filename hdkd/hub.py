@@ -80,8 +80,10 @@ def require_model(value: str, role: str) -> None:
     if Path(value).is_dir():
         return
     # A hub id is "name" or "owner/name"; anything else can only be a directory.
+    resolved = str(Path(value).expanduser().resolve())
+    looked_in = "" if resolved == value else f" (looked for {resolved!r})"
     if value.startswith((".", "/", "~")) or value.count("/") > 1:
-        raise HubUnavailableError(f"{role} directory {value!r} not found")
+        raise HubUnavailableError(f"{role} directory {value!r} not found{looked_in}")
     problem = hub_problem()
     if problem is None:
         return
@@ -89,7 +91,7 @@ def require_model(value: str, role: str) -> None:
     if _cached_model(value):
         return
     raise HubUnavailableError(
-        f"{role} {value!r} is neither an existing local directory nor a reachable hub model ({problem}); "
+        f"{role} {value!r} is neither an existing local directory{looked_in} nor a reachable hub model ({problem}); "
         f"set {role} to a local model directory (for offline stand-ins see `python -m hdkd standins --help`)"
     )
 

@@ -254,7 +254,8 @@ def test_hub_model_offline(capsys, caplog, workdir, tiny_config):
     started = time.perf_counter()
     line = _train_error(capsys, caplog, workdir, {**tiny_config, "teacher": "google/flan-t5-base"})
     assert time.perf_counter() - started < 30
-    assert "teacher 'google/flan-t5-base' is neither an existing local directory nor a reachable hub model" in line
+    assert (f"teacher 'google/flan-t5-base' is neither an existing local directory (looked for "
+            f"{str(workdir / 'google' / 'flan-t5-base')!r}) nor a reachable hub model") in line
     assert "set teacher to a local model directory" in line
 
 
@@ -427,7 +428,8 @@ def test_subprocess_one_stderr_line(workdir, tiny_config, case):
                     "training.warmup_steps='ten' has the wrong type; expected int"]
     elif case == "hub":
         args = ["train", *set_args({**values, "student": "google/flan-t5-small"})]
-        expected = ["student 'google/flan-t5-small' is neither an existing local directory nor a reachable hub model"]
+        expected = ["student 'google/flan-t5-small' is neither an existing local directory (looked for ",
+                    "nor a reachable hub model"]
     else:
         env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{_closed_port()}"
         args = ["train", *set_args(values)]
