@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 UNTRACKED_RUN = Path(__file__).resolve().parent / "untracked_run.py"
-DEFAULT_REFERENCE = "../shared/data/bench/reference_flow.py"
+DEFAULT_REFERENCE = REPO.parent / "shared" / "data" / "bench" / "reference_flow.py"  # beside the checkout
 
 # The reference flow pads every prompt to 512 tokens and every label to 5 tokens (its encode() and label call).
 REFERENCE_SOURCE_LENGTH = 512
@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are used")
     parser.add_argument("--validation-file", required=True, help="AQuA-RAT JSON-lines file; its first --n-val rows "
                         "are used")
-    parser.add_argument("--reference", default=DEFAULT_REFERENCE,
-                        help=f"path of the original flow's script (default {DEFAULT_REFERENCE})")
+    parser.add_argument("--reference", default=str(DEFAULT_REFERENCE),
+                        help=f"path of the original flow's script (default {DEFAULT_REFERENCE}, whatever the "
+                             "current folder)")
     parser.add_argument("--n-train", type=int, default=32, help="training rows (default 32)")
     parser.add_argument("--n-val", type=int, default=16, help="validation rows (default 16)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
