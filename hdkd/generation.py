@@ -9,6 +9,7 @@ and by the teacher-forced pass for the labels' hidden states.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -177,6 +178,15 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def cache_keyword(module: torch.nn.Module) -> str:
+    """Return the name under which ``module.forward`` and ``generate`` take a KV cache.
+
+    Between transformers 5.23 and 5.25 ``past_key_values`` became ``cache``. The old name raises a FutureWarning
+    there, and the warning says it goes away in 5.40.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def decoder_hidden_for_labels(model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
                               labels: list[list[int]], pad_id: int, cache=None) -> list[torch.Tensor]:
@@ -188,9 +198,10 @@ def decoder_hidden_for_labels(model, encoder_hidden: torch.Tensor, attention_mas
     label_ids, _ = pad_batch(labels, pad_id, multiple=1)
     label_ids = label_ids.to(encoder_hidden.device)
     decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=label_ids)
-    out = model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden,
-                              encoder_attention_mask=attention_mask, past_key_values=cache,
-                              use_cache=cache is not None)
+    decoder = model.get_decoder()
+    out = decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden,
+                  encoder_attention_mask=attention_mask, use_cache=cache is not None,
+                  **{cache_keyword(decoder): cache})
     hidden = out.last_hidden_state  # (batch, tgt_len, d_model)
     return [hidden[row, : len(labels[row])].float().cpu() for row in range(len(labels))]
 
@@ -220,7 +231,7 @@ def generate(model, input_ids: list[list[int]], *, pad_id: int, eos_id: int, max
                                      max_new_tokens=max_new_tokens, num_beams=num_beams,
                                      pad_token_id=pad_id, eos_token_id=eos_id, return_dict_in_generate=True,
                                      output_hidden_states=with_hidden,
-                                     **({"past_key_values": cache} if cache is not None else {}))
+                                     **({cache_keyword(model): cache} if cache is not None else {}))
                 answers = [cut_at_eos(row[1:].tolist(), eos_id) for row in out.sequences]
                 if max_label_length:
                     answers = [a[:max_label_length] for a in answers]
