@@ -154,24 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="run one distillation and track it in MLflow")
+    train = commands.add_parser(
+        "train", help="run one distillation and track it in MLflow",
+        description="Run one distillation (teacher work, training, evaluation) as one MLflow run in the "
+                    "experiment tracking.experiment_name (default hdkd). The same command after a crash, Ctrl-C or "
+                    "SIGTERM continues the run from its last checkpoint.")
     _add_config_arguments(train, TRAIN_SHORTCUTS)
     train.set_defaults(func=cmd_train)
 
-    search = commands.add_parser("search", help="Optuna study over hidden_weight and learning rate")
+    search = commands.add_parser(
+        "search", help="Optuna study over hidden_weight and learning rate",
+        description="Run an Optuna study over distill.hidden_weight and training.learning_rate: one MLflow parent "
+                    "run, one child run per trial, and the best student registered as registry.model_name with "
+                    "the alias registry.alias. The same command with the same study name continues the study.")
     _add_config_arguments(search, SEARCH_SHORTCUTS)
     search.add_argument("--force", action="store_true",
                         help="move the registry alias to the study's best model even if it is not better")
     search.set_defaults(func=cmd_search)
 
-    compare = commands.add_parser("compare", help="table and plot of teacher vs student accuracy across runs")
+    compare = commands.add_parser(
+        "compare", help="table and plot of teacher vs student accuracy across runs",
+        description="Print the tracked runs with teacher and student accuracy, best student first, and write a "
+                    "plot of both.")
     compare.add_argument("--experiment", default=None,
                          help="experiment name (default: both hdkd and Default, where `mlflow run` logs)")
     compare.add_argument("--study", default=None, help="only the trials of this Optuna study")
     compare.add_argument("--output", default="comparison.png", help="PNG file to write (default comparison.png)")
     compare.set_defaults(func=cmd_compare)
 
-    standins = commands.add_parser("standins", help="write random-weight Flan-T5 stand-ins for offline work")
+    standins = commands.add_parser(
+        "standins", help="write random-weight Flan-T5 stand-ins for offline work",
+        description="Write random-weight models with the exact Flan-T5-small and Flan-T5-base architectures, for "
+                    "work without network access. Accuracy from them means nothing.")
     standins.add_argument("--tokenizer", required=True, help="folder with the Flan-T5 tokenizer files")
     standins.add_argument("--configs", default=None,
                           help="folder with flan-t5-small/config.json and flan-t5-base/config.json "
@@ -180,9 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     standins.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     standins.set_defaults(func=cmd_standins)
 
-    config = commands.add_parser("config", help="print the full configuration as commented YAML")
+    config = commands.add_parser(
+        "config", help="print the full configuration as commented YAML",
+        description="Print every configuration key with its value and help, after merging --config and --set "
+                    "over the defaults.")
     config.add_argument("--config", default=None, help="YAML file to merge over the defaults")
-    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key (repeatable)")
     config.add_argument("--markdown", action="store_true",
                         help="print the key reference (type, default, help) as Markdown, as in docs/configuration.md")
     config.set_defaults(func=cmd_config)
