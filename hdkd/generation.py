@@ -182,7 +182,7 @@ def cache_keyword(module: torch.nn.Module) -> str:
     """Return the name under which ``module.forward`` and ``generate`` take a KV cache.
 
     Between transformers 5.23 and 5.25 ``past_key_values`` became ``cache``. The old name raises a FutureWarning
-    there, and the warning says it goes away in 5.40.
+    there, which names 5.40 as the release that removes it.
     """
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 

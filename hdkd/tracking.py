@@ -128,7 +128,7 @@ def end_run(status: str, error: BaseException | None = None) -> None:
 
 
 def _store_exists(uri: str) -> bool:
-    """Tell whether a local store (a sqlite file or a folder) is already there; a server counts as there."""
+    """Return whether a local store (a sqlite file or a folder) exists. A server store counts as existing."""
     if uri.startswith("sqlite:"):
         # SQLAlchemy reads sqlite:///relative.db and sqlite:////absolute.db as files, and a bare sqlite:// as memory.
         return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///").split("?")[0]).exists()
@@ -153,7 +153,7 @@ def tag_project_run(message: str) -> bool:
         with _environment(_STORE_CHECK_ENV):
             MlflowClient(uri).set_tag(run_id, "hdkd.error", mask_secrets(message)[:4900])
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store or run
-        logger.debug("MLflow run %s not tagged with the error: %s: %s", run_id, type(err).__name__,
+        logger.debug("failed to tag MLflow run %s with the error: %s: %s", run_id, type(err).__name__,
                      mask_secrets(str(err))[:300])
         return False
     return True

@@ -23,7 +23,7 @@ def _trainer(tmp_path, max_grad_norm: float) -> DistillationTrainer:
 
 
 def _fill_gradients(trainer: DistillationTrainer, model_value: float, projection_value: float) -> int:
-    """Give every parameter a constant gradient; return the number of student parameters."""
+    """Give every parameter a constant gradient and return the number of student parameters."""
     for p in trainer.model.parameters():
         p.grad = torch.full_like(p, model_value)
     for p in trainer.projection.parameters():
