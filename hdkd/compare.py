@@ -203,7 +203,7 @@ def run_compare(experiment: str | None, study: str | None, output: str | Path) -
                   f" (experiments: {', '.join(known) or 'none'}); pass --experiment NAME", file=sys.stderr)
             return EXIT_BAD_INPUT
         frames[name] = runs.assign(experiment=name)
-    if len(frames) > 1 and frames[MLFLOW_DEFAULT_EXPERIMENT].empty:
+    if len(frames) > 1 and not tracking.has_runs(MLFLOW_DEFAULT_EXPERIMENT):
         del frames[MLFLOW_DEFAULT_EXPERIMENT]  # MLflow creates "Default" in every store, so an empty one is left out
     experiments = list(frames)
     runs = pd.concat(frames.values(), ignore_index=True)
@@ -221,11 +221,15 @@ def run_compare(experiment: str | None, study: str | None, output: str | Path) -
         return 0
 
     print(f"{_count(len(summary))} in {scope}, best student first:")
-    print(format_table(summary, show_experiment=summary["experiment"].nunique() > 1))
-    left_out = len(runs) - len(summary)
+    print(format_table(summary, show_experiment=len(experiments) > 1))
+    continued = int(runs["tags.hdkd.continued_in"].notna().sum()) if "tags.hdkd.continued_in" in runs else 0
+    left_out = len(runs) - len(summary) - continued
     if left_out:
         print(f"{_count(left_out)} without eval/student_accuracy (study parents, failed, killed or running) not "
               "listed")
+    if continued:
+        print(f"{_count(continued)} left empty by `mlflow run` because hdkd continued an earlier run (tag "
+              "hdkd.continued_in) not listed")
     random_runs = int(summary["random_weights"].sum())
     if random_runs:
         print(f"* {random_runs} of {_count(len(summary))} used random-weight stand-ins (tag hdkd.random_weights): "

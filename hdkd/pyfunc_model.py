@@ -30,7 +30,8 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.type_hints import TypeFromExample
 
-logger = logging.getLogger(__name__)
+# MLflow loads this file under a generated module name, so the logger is named explicitly.
+logger = logging.getLogger("hdkd.pyfunc_model")
 
 GENERATION_FILE = "hdkd_generation.json"
 DEFAULT_SETTINGS = {"max_new_tokens": 32, "num_beams": 1, "batch_size": 32, "max_source_length": 256}

@@ -97,6 +97,7 @@ def run_training(cfg: Config, *, checked: Checked | None = None, prepared: Prepa
     if resume_run:
         logger.info("continuing MLflow run %s from %s (steps up to %d already logged)", run_id,
                     latest_checkpoint(output_dir) or "step 0", max(logged_steps.values(), default=0))
+        tracking.mark_project_run_continued(resume_run)
     caching.write_json_atomic(output_dir / STATE_FILE, {"run_id": run_id, "fingerprint": key})
 
     try:

@@ -127,6 +127,22 @@ def end_run(status: str, error: BaseException | None = None) -> None:
     mlflow.end_run(status=status)
 
 
+def mark_project_run_continued(continued_run_id: str) -> None:
+    """Tag the run that ``mlflow run`` created when hdkd continues an earlier run instead of logging into it.
+
+    MLflow ends that new run FINISHED with nothing in it, so the tag ``hdkd.continued_in`` and its description
+    name the run that holds the results.
+    """
+    project_run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not project_run_id or project_run_id == continued_run_id:
+        return
+    client = MlflowClient()
+    client.set_tag(project_run_id, "hdkd.continued_in", continued_run_id)
+    client.set_tag(project_run_id, "mlflow.note.content",
+                   f"hdkd continued the unfinished run {continued_run_id} of the same config, which holds the "
+                   "metrics, artifacts and model. This run stays empty.")
+
+
 def _store_exists(uri: str) -> bool:
     """Return whether a local store (a sqlite file or a folder) exists. A server store counts as existing."""
     if uri.startswith("sqlite:"):
@@ -318,6 +334,14 @@ def search_runs(experiment_name: str, filter_string: str = ""):
     if experiment is None or experiment.lifecycle_stage != "active":
         return None
     return mlflow.search_runs(experiment_ids=[experiment.experiment_id], filter_string=filter_string)
+
+
+def has_runs(experiment_name: str) -> bool:
+    """Return whether the experiment exists and contains at least one run."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return False
+    return bool(MlflowClient().search_runs([experiment.experiment_id], max_results=1))
 
 
 def experiments_with_runs(filter_string: str) -> list[str]:

@@ -161,6 +161,18 @@ def test_compare_covers_hdkd_and_default(mlflow_store, capsys, tmp_path):
     assert lines[4].split()[0] == "from-mlflow-run"
     assert lines[4].split()[-1] == "Default"
 
+    # A run that `mlflow run` left empty because hdkd continued an earlier run is counted on its own line.
+    _log_run("left-empty", 0.5, 3e-4, None, tags={"hdkd.continued_in": "0123abcd"})
+    assert main(["compare", "--output", str(tmp_path / "both.png")]) == 0
+    out = capsys.readouterr().out
+    assert "1 run left empty by `mlflow run` because hdkd continued an earlier run (tag hdkd.continued_in) not " \
+        "listed" in out
+    assert "without eval/student_accuracy" not in out
+
+    # A study searched in both experiments is reported as searched in both.
+    assert main(["compare", "--study", "nosuch", "--output", str(tmp_path / "none.png")]) == 0
+    assert capsys.readouterr().out.strip() == "no runs found in study 'nosuch' in experiments 'hdkd' and 'Default'"
+
     # An explicit --experiment keeps to that one experiment.
     assert main(["compare", "--experiment", "Default", "--output", str(tmp_path / "one.png")]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "1 run in experiment 'Default', best student first:"

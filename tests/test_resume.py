@@ -203,6 +203,36 @@ def test_exception_fails_run_with_tag(mlflow_store, tiny_config, monkeypatch):
     assert run.data.tags["hdkd.error"] == "RuntimeError: teacher cache folder is read-only"
 
 
+def test_mlflow_run_left_empty_names_continued(mlflow_store, tiny_config, monkeypatch):
+    from hdkd import runner
+
+    real_prepare = runner.prepare
+
+    def broken_prepare(checked):
+        raise RuntimeError("teacher cache folder is read-only")
+
+    values = {**tiny_config, "training.num_train_epochs": 1}
+    monkeypatch.setattr(runner, "prepare", broken_prepare)
+    with pytest.raises(RuntimeError):
+        main(["train", *set_args(values)])
+    failed = _only_run("hdkd-test")
+    monkeypatch.setattr(runner, "prepare", real_prepare)
+
+    # `mlflow run` creates a new run and passes its id, but hdkd continues the FAILED run of the same config.
+    client = MlflowClient()
+    project_run = client.create_run(client.create_experiment("projects"))
+    monkeypatch.setenv("MLFLOW_RUN_ID", project_run.info.run_id)
+    assert main(["train", *set_args(values)]) == 0
+
+    continued = _only_run("hdkd-test")
+    assert continued.info.run_id == failed.info.run_id
+    assert continued.info.status == "FINISHED"
+    left_empty = client.get_run(project_run.info.run_id)
+    assert left_empty.data.tags["hdkd.continued_in"] == failed.info.run_id
+    assert failed.info.run_id in left_empty.data.tags["mlflow.note.content"]
+    assert left_empty.data.metrics == {}
+
+
 def test_sigterm_before_training_ends_killed(mlflow_store, tiny_config, monkeypatch, capsys):
     from hdkd import runner
 
