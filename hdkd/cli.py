@@ -120,6 +120,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     from hdkd.config import Config, render_markdown, render_yaml
 
     if args.markdown:
+        if args.config or args.overrides:
+            print("hdkd: error: --markdown documents the defaults, so it takes no --config or --set", file=sys.stderr)
+            return EXIT_BAD_INPUT
         sys.stdout.write(render_markdown())
         return 0
     cfg = _load(args, ()) if args.config or args.overrides else Config()

@@ -481,11 +481,14 @@ def _yaml_value(value: Any) -> str:
 def render_yaml(cfg: Config | None = None) -> str:
     """Render a config as commented YAML, one help comment above each key."""
     cfg = cfg or Config()
-    lines = [
-        "# hdkd defaults. Every key is optional in a config file: keys left out take these values.",
-        "# Rendered from hdkd/config.py by `python -m hdkd config`; edit the dataclasses, then re-render.",
-        "",
-    ]
+    if cfg == Config():
+        lines = [
+            "# hdkd defaults. Every key is optional in a config file: keys left out take these values.",
+            "# Rendered from hdkd/config.py by `python -m hdkd config`; edit the dataclasses, then re-render.",
+            "",
+        ]
+    else:
+        lines = ["# hdkd configuration: the defaults with the given config file and --set values merged in.", ""]
 
     def emit(obj: Any, indent: str):
         hints = _hints(type(obj))

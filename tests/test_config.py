@@ -111,3 +111,25 @@ def test_render_round_trip():
     tree = yaml.safe_load(render_yaml(cfg))
     assert tree["distill"]["hidden_weight"] == 0.3
     assert tree["training"]["eval_steps"] == 5
+
+
+def test_config_command_merged_header(capsys):
+    from hdkd.cli import main
+
+    assert main(["config", "--set", "training.learning_rate=1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "# hdkd configuration: the defaults with the given config file and --set values " \
+        "merged in."
+    assert yaml.safe_load(out)["training"]["learning_rate"] == 1e-4
+
+    assert main(["config"]) == 0
+    assert capsys.readouterr().out == render_yaml()
+
+
+def test_config_markdown_rejects_overrides(capsys):
+    from hdkd.cli import main
+
+    assert main(["config", "--markdown", "--set", "training.learning_rate=1e-4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "hdkd: error: --markdown documents the defaults, so it takes no --config or --set\n"
