@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import csv
 import math
+import glob
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -325,3 +330,57 @@ def test_four_workers_fresh_sqlite_stores(mlflow_store, search_config, tmp_path)
         assert "database is locked" not in output
     _check_shared_study(values, workers=4, n_trials=4)
     assert math.isfinite(_study(values).best_value)
+
+
+# --- A PostgreSQL storage, on a throwaway server bound to 127.0.0.1 ---------------------------------------------
+
+
+def _postgres_bin() -> str | None:
+    found = shutil.which("initdb")
+    candidates = [found] if found else sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    # Debian links only some programs into the PATH, so the folder is taken from the link's target.
+    return os.path.dirname(os.path.realpath(candidates[0])) if candidates else None
+
+
+@pytest.fixture()
+def postgres_url():
+    """Start a PostgreSQL server on a free 127.0.0.1 port in a temporary folder and yield a database URL."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed")
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not found")
+    # The server refuses to run as root, so under root it runs as the postgres account the package creates.
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    no_account = subprocess.run(["id", "postgres"], capture_output=True).returncode != 0
+    if prefix and (shutil.which("runuser") is None or no_account):
+        pytest.skip("running as root without runuser or a postgres account to run the server as")
+    # pytest's folders are private to their owner, so the server's folder is one the postgres account can enter.
+    folder = Path(tempfile.mkdtemp(prefix="hdkd-postgres-"))
+    if prefix:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = folder / "data"
+
+    def run(*command: str) -> None:
+        result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{command[0]} failed: {result.stderr[-2000:]}"
+
+    run(f"{bin_dir}/initdb", "-D", str(data), "-U", "postgres", "--auth=trust")
+    run(f"{bin_dir}/pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}", "start")
+    try:
+        run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        run(f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_processes_share_postgresql_study(mlflow_store, search_config, tmp_path, postgres_url):
+    # The storage's advisory lock, not a file lock, keeps the two workers to 3 trials in all.
+    values = {**search_config, "search.storage": postgres_url, "search.n_trials": 3}
+    _run_workers(values, 2, tmp_path)
+    _check_shared_study(values, workers=2, n_trials=3)
