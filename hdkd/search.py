@@ -151,7 +151,15 @@ def _open_storage(url: str) -> optuna.storages.BaseStorage:
         # SQLite waits up to a minute for another process's write lock instead of failing with "database is locked".
         engine_kwargs = {"connect_args": {"timeout": 60}} if kind == "sqlite" else {"pool_pre_ping": True}
         if path is None:
-            return RDBStorage(url, engine_kwargs=engine_kwargs)
+            # Several processes creating the schema in a new database at once collide, as with a SQLite file.
+            from sqlalchemy import create_engine
+
+            engine = create_engine(url, **engine_kwargs)
+            try:
+                with database_lock(engine, "hdkd-optuna-schema"):
+                    return RDBStorage(url, engine_kwargs=engine_kwargs)
+            finally:
+                engine.dispose()
         # Several processes creating the schema of a new SQLite file at once collide; one creates it first.
         with caching.locked(path):
             return RDBStorage(url, engine_kwargs=engine_kwargs)
@@ -205,25 +213,35 @@ class StudyLock:
             with caching.locked(self.file):
                 yield
             return
-        # NOTE: the PostgreSQL and MySQL locks are not exercised by the test suite, which has no database server.
-        from sqlalchemy import text
+        with database_lock(self.engine, f"hdkd-study:{self.study_name}"):
+            yield
 
-        key = hashlib.sha256(f"hdkd-study:{self.study_name}".encode()).digest()
-        with self.engine.connect() as connection:
-            if self.engine.dialect.name == "postgresql":
-                number = int.from_bytes(key[:8], "big", signed=True)
-                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": number})
-                try:
-                    yield
-                finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": number})
-            else:
-                name = "hdkd-" + key.hex()[:40]
-                connection.execute(text("SELECT GET_LOCK(:name, -1)"), {"name": name})
-                try:
-                    yield
-                finally:
-                    connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+
+@contextlib.contextmanager
+def database_lock(engine, name: str) -> Iterator[None]:
+    """Hold a PostgreSQL or MySQL advisory lock named ``name`` for the block. Other databases get no lock."""
+    from sqlalchemy import text
+
+    dialect = engine.dialect.name
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    key = hashlib.sha256(name.encode()).digest()
+    with engine.connect() as connection:
+        if dialect == "postgresql":
+            number = int.from_bytes(key[:8], "big", signed=True)
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": number})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": number})
+        else:
+            lock_name = "hdkd-" + key.hex()[:40]
+            connection.execute(text("SELECT GET_LOCK(:name, -1)"), {"name": lock_name})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock_name})
 
 
 # --- The study ------------------------------------------------------------------------------------------

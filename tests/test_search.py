@@ -384,3 +384,15 @@ def test_two_processes_share_postgresql_study(mlflow_store, search_config, tmp_p
     values = {**search_config, "search.storage": postgres_url, "search.n_trials": 3}
     _run_workers(values, 2, tmp_path)
     _check_shared_study(values, workers=2, n_trials=3)
+
+
+def test_fresh_postgresql_schema_created_once(postgres_url, tmp_path):
+    # Processes that open a new database at the same moment would each create Optuna's tables.
+    script = "import sys; from hdkd.search import _open_storage; _open_storage(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    workers = [subprocess.Popen([sys.executable, "-c", script, postgres_url], env=env, stderr=subprocess.PIPE,
+                                text=True) for _ in range(4)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+    assert optuna.storages.RDBStorage(postgres_url).get_all_studies() == []
