@@ -131,7 +131,7 @@ def mark_project_run_continued(continued_run_id: str) -> None:
     """Tag the run that ``mlflow run`` created when hdkd continues an earlier run instead of logging into it.
 
     MLflow ends that new run FINISHED with nothing in it, so the tag ``hdkd.continued_in`` and its description
-    name the run that holds the results.
+    name the run that contains the results.
     """
     project_run_id = os.environ.get("MLFLOW_RUN_ID")
     if not project_run_id or project_run_id == continued_run_id:
@@ -139,8 +139,8 @@ def mark_project_run_continued(continued_run_id: str) -> None:
     client = MlflowClient()
     client.set_tag(project_run_id, "hdkd.continued_in", continued_run_id)
     client.set_tag(project_run_id, "mlflow.note.content",
-                   f"hdkd continued the unfinished run {continued_run_id} of the same config, which holds the "
-                   "metrics, artifacts and model. This run stays empty.")
+                   f"hdkd continued the unfinished run {continued_run_id} of the same config, which contains "
+                   "the metrics, artifacts and model. This run stays empty.")
 
 
 def _store_exists(uri: str) -> bool:
