@@ -386,7 +386,7 @@ def test_two_processes_share_postgresql_study(mlflow_store, search_config, tmp_p
     _check_shared_study(values, workers=2, n_trials=3)
 
 
-def test_fresh_postgresql_schema_created_once(postgres_url, tmp_path):
+def test_fresh_postgresql_schema_created_once(postgres_url):
     # Processes that open a new database at the same moment would each create Optuna's tables.
     script = "import sys; from hdkd.search import _open_storage; _open_storage(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
