@@ -209,11 +209,11 @@ def decoder_hidden_for_labels(model, encoder_hidden: torch.Tensor, attention_mas
 @torch.inference_mode()
 def generate(model, input_ids: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int, num_beams: int,
              batch_size: int, device: torch.device, bf16: bool, max_label_length: int | None = None,
-             with_hidden: bool = False, description: str = "generating") -> Generated:
+             with_hidden: bool = False, description: str = "generating", progress: bool = True) -> Generated:
     """Generate answers in length-sorted batches.
 
     With ``with_hidden`` it also returns the last decoder hidden state at each answer position, which is what
-    training compares, taken from the decoding steps themselves.
+    training compares, taken from the decoding steps themselves. ``progress`` False hides the progress bar.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -221,7 +221,7 @@ def generate(model, input_ids: list[list[int]], *, pad_id: int, eos_id: int, max
     token_ids: list[list[int] | None] = [None] * len(input_ids)
     hidden: list[torch.Tensor | None] = [None] * len(input_ids)
     batches = length_sorted_batches([len(ids) for ids in input_ids], batch_size)
-    with tqdm(total=len(input_ids), desc=description, unit="ex", leave=False) as bar:
+    with tqdm(total=len(input_ids), desc=description, unit="ex", leave=False, disable=not progress) as bar:
         for batch in batches:
             with autocast(device, bf16):
                 encoded = encode_batch(model, [input_ids[i] for i in batch], pad_id, device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ class StudentModel(PythonModel):
         result = generate(self.model, ids["input_ids"], pad_id=self.tokenizer.pad_token_id,
                           eos_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           batch_size=int(self.settings["batch_size"]), device=self.device, bf16=False,
-                          description="student answers")
+                          description="student answers", progress=sys.stderr.isatty())
         return self.tokenizer.batch_decode(result.token_ids, skip_special_tokens=True)
 
     # With TypeFromExample, MLflow converts a DataFrame to the input example's form before calling predict: a

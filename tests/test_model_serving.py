@@ -75,7 +75,7 @@ def _reference_answers(student_dir: Path, prompts: list[str], max_new_tokens: in
 
 
 @pytest.mark.slow
-def test_student_model_predict_and_serve(mlflow_store, tiny_config, tmp_path):
+def test_student_model_predict_and_serve(mlflow_store, tiny_config, tmp_path, capfd):
     overrides = {**tiny_config, "training.num_train_epochs": 1}
     args = ["train"]
     for key, value in overrides.items():
@@ -115,7 +115,10 @@ def test_student_model_predict_and_serve(mlflow_store, tiny_config, tmp_path):
     rows = make_rows(3, seed=7)
     prompts = [build_prompt(r["question"], r["options"]) for r in rows]
     loaded = mlflow.pyfunc.load_model(model.model_uri)
+    capfd.readouterr()
     answers = loaded.predict(prompts)
+    # A server's log is no terminal, so predict draws no progress bar there.
+    assert "student answers" not in capfd.readouterr().err
     assert isinstance(answers, list)
     assert all(isinstance(a, str) for a in answers)
     assert answers == _reference_answers(student_dir, prompts, max_new_tokens=4)
