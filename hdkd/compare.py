@@ -33,7 +33,7 @@ SOURCE_COLUMNS = {
     "random_weights": "tags.hdkd.random_weights",
     "study": "tags.hdkd.study",
     "role": "tags.hdkd.role",
-    "experiment": "experiment",  # added by run_compare, which may search more than one experiment
+    "experiment": "experiment",  # Set by run_compare, which may search more than one experiment.
 }
 NUMERIC_COLUMNS = ("hidden_weight", "learning_rate", "teacher_accuracy", "student_accuracy", "agreement",
                    "train_seconds")
@@ -204,7 +204,7 @@ def run_compare(experiment: str | None, study: str | None, output: str | Path) -
             return EXIT_BAD_INPUT
         frames[name] = runs.assign(experiment=name)
     if len(frames) > 1 and not tracking.has_runs(MLFLOW_DEFAULT_EXPERIMENT):
-        del frames[MLFLOW_DEFAULT_EXPERIMENT]  # MLflow creates "Default" in every store, so an empty one is left out
+        del frames[MLFLOW_DEFAULT_EXPERIMENT]  # MLflow creates "Default" in every store, so an empty one is left out.
     experiments = list(frames)
     runs = pd.concat(frames.values(), ignore_index=True)
 

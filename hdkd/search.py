@@ -118,22 +118,12 @@ def _storage_kind(url: str) -> str:
     return "sqlite" if scheme == "sqlite" else "server"
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """Return the database file of a ``sqlite:///`` URL, or None for an in-memory database or another scheme."""
-    if not url.startswith("sqlite:///"):
-        return None
-    name = url.removeprefix("sqlite:///").split("?", 1)[0]
-    if name in ("", ":memory:"):
-        return None
-    return Path(name).expanduser().resolve()
-
-
 def _storage_file(url: str) -> Path | None:
     """Return the local file of an Optuna storage (SQLite or journal), or None for a database server."""
     kind = _storage_kind(url)
     if kind == "journal":
         return Path(url).expanduser().resolve()
-    return _sqlite_file(url) if kind == "sqlite" else None
+    return tracking.sqlite_file(url) if kind == "sqlite" else None
 
 
 def _open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -176,7 +166,7 @@ def _open_mlflow_store(cfg: Config) -> MlflowClient:
     The first process to get the lock creates and migrates a fresh MLflow SQLite file. The same migration run by
     several processes at once fails.
     """
-    path = _sqlite_file(tracking.tracking_uri())
+    path = tracking.sqlite_file(tracking.tracking_uri())
     with caching.locked(path) if path is not None else contextlib.nullcontext():
         client = tracking.open_store()
         under_mlflow_run = any(os.environ.get(name) for name in
@@ -222,6 +212,7 @@ def database_lock(engine, name: str) -> Iterator[None]:
     """Hold a PostgreSQL or MySQL advisory lock named ``name`` for the block. Other databases get no lock."""
     from sqlalchemy import text
 
+    # NOTE: the MySQL branch has not run against a server. The PostgreSQL branch is tested in tests/test_search.py.
     dialect = engine.dialect.name
     if dialect not in ("postgresql", "mysql"):
         yield

@@ -143,11 +143,21 @@ def mark_project_run_continued(continued_run_id: str) -> None:
                    "the metrics, artifacts and model. This run stays empty.")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """Return the database file of a ``sqlite:///`` URL, or None for an in-memory database or another scheme."""
+    if not url.startswith("sqlite:///"):
+        return None
+    name = url.removeprefix("sqlite:///").split("?", 1)[0]
+    if name in ("", ":memory:"):
+        return None
+    return Path(name).expanduser().resolve()
+
+
 def _store_exists(uri: str) -> bool:
     """Return whether a local store (a sqlite file or a folder) exists. A server store counts as existing."""
     if uri.startswith("sqlite:"):
-        # SQLAlchemy reads sqlite:///relative.db and sqlite:////absolute.db as files, and a bare sqlite:// as memory.
-        return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///").split("?")[0]).exists()
+        path = sqlite_file(uri)
+        return path is not None and path.exists()
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(parsed.path).exists()

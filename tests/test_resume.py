@@ -203,7 +203,7 @@ def test_exception_fails_run_with_tag(mlflow_store, tiny_config, monkeypatch):
     assert run.data.tags["hdkd.error"] == "RuntimeError: teacher cache folder is read-only"
 
 
-def test_mlflow_run_left_empty_names_continued(mlflow_store, tiny_config, monkeypatch):
+def test_empty_project_run_names_continued(mlflow_store, tiny_config, monkeypatch):
     from hdkd import runner
 
     real_prepare = runner.prepare

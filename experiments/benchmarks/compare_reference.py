@@ -45,7 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 UNTRACKED_RUN = Path(__file__).resolve().parent / "untracked_run.py"
-DEFAULT_REFERENCE = REPO.parent / "shared" / "data" / "bench" / "reference_flow.py"  # beside the checkout
+# The reference script sits in the shared folder beside the checkout.
+DEFAULT_REFERENCE = REPO.parent / "shared" / "data" / "bench" / "reference_flow.py"
 
 # The reference flow pads every prompt to 512 tokens and every label to 5 tokens (its encode() and label call).
 REFERENCE_SOURCE_LENGTH = 512
